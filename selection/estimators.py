@@ -1,0 +1,118 @@
+"""The interaction-aware influence maths (METHOD.md §1-§2), in one place.
+
+Two equivalent views of the same second-order expansion of the target f:
+
+* parameter form: displacements u_a = (1/n) H⁻¹ g_a, target gradient ∇f and target curvature H_f
+  (given as a Hessian-vector product). Used by the fidelity benchmark on small models.
+* empirical-Fisher (EF) form: the train-by-target influence matrix Φ (N × m) with
+  φ_{a,t} = g_tᵀ u_a; s_a = mean_t φ_{a,t} and κ(a, b) = ⟨φ_a, φ_b⟩ / m. Used by the selector at scale.
+
+Removal of a group S changes the target by  Δf̂(S) = Σ_{a∈S} I(a) + ½ Σ_{a,b∈S} κ(a, b).
+Adding a set A changes it by about  −Σ_{a∈A} s_a + ½ Σ_{a,b∈A} κ(a, b), so selection maximises
+J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} κ(a, b).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Hvp = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GroupEstimate:
+    """Predicted change of the target when a group is removed, split into its two parts."""
+
+    first_order: float
+    interaction: float
+
+    @property
+    def total(self) -> float:
+        return self.first_order + self.interaction
+
+
+# ---------------------------------------------------------------- parameter form (removal)
+
+
+def individual_influence(grad_f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """I(a) = ∇fᵀ u_a for every row of u ([N, p] → [N]); u may also be a single [p] vector."""
+    return u @ grad_f
+
+
+def pairwise_interaction(u_a: torch.Tensor, u_b: torch.Tensor, hvp_f: Hvp) -> torch.Tensor:
+    """κ(a, b) = u_aᵀ H_f u_b."""
+    return u_a @ hvp_f(u_b)
+
+
+def group_estimate(grad_f: torch.Tensor, u_group: torch.Tensor, hvp_f: Hvp | None) -> GroupEstimate:
+    """Interaction-aware removal estimate from the summed displacement u_S = Σ_{a∈S} u_a.
+
+    One Hessian-vector product per group: ½ Σ_{a,b} κ(a, b) = ½ u_Sᵀ H_f u_S. With ``hvp_f=None``
+    only the first-order (additive) part is returned.
+    """
+    first = float(grad_f @ u_group)
+    inter = 0.0 if hvp_f is None else 0.5 * float(u_group @ hvp_f(u_group))
+    return GroupEstimate(first, inter)
+
+
+def basu_group_displacement(
+    grad_sum: torch.Tensor, n: int, group_size: int, ihvp: Hvp, group_hvp: Hvp
+) -> torch.Tensor:
+    """Basu et al. (2020) second-order group influence: parameter change when removing U.
+
+    Δθ ≈ (1−2p)/(1−p)² (1/n) H⁻¹ Σ_U g + 1/((1−p)² n²) H⁻¹ (Σ_U H_z) H⁻¹ Σ_U g,  p = |U|/n.
+    ``grad_sum`` is Σ_U g_z, ``ihvp`` applies H⁻¹, ``group_hvp`` applies Σ_U H_z.
+    The target stays first order: Δf ≈ ∇fᵀ Δθ.
+    """
+    p = group_size / n
+    h_inv_g = ihvp(grad_sum)
+    first = (1 - 2 * p) / (1 - p) ** 2 / n * h_inv_g
+    second = ihvp(group_hvp(h_inv_g)) / ((1 - p) ** 2 * n**2)
+    return first + second
+
+
+# ---------------------------------------------------------------- empirical-Fisher form
+
+
+def ef_scores(phi: torch.Tensor) -> torch.Tensor:
+    """s_a = mean_t φ_{a,t}: individual influence of each row of Φ ([N, m] → [N])."""
+    return phi.mean(dim=-1)
+
+
+def ef_interaction(phi_a: torch.Tensor, phi_b: torch.Tensor) -> torch.Tensor:
+    """κ(a, b) = ⟨φ_a, φ_b⟩ / m (broadcasts over leading dimensions)."""
+    return (phi_a * phi_b).sum(dim=-1) / phi_a.shape[-1]
+
+
+def ef_group_estimate(phi_group: torch.Tensor) -> GroupEstimate:
+    """Removal estimate of a group from its rows of Φ ([|S|, m]): Σ I + (1/2m) Σ_t C_t²."""
+    cum = phi_group.sum(dim=0)
+    m = phi_group.shape[-1]
+    return GroupEstimate(float(cum.sum() / m), float((cum * cum).sum() / (2 * m)))
+
+
+def selection_objective(phi_selected: torch.Tensor, lam: float, scores: torch.Tensor | None = None) -> float:
+    """J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} κ(a, b) in EF form, from the selected rows of Φ.
+
+    ``scores`` overrides s_a (e.g. when the linear term uses true labels and Φ holds sampled-label
+    influences for the curvature, the Gauss-Newton variant).
+    """
+    s = ef_scores(phi_selected) if scores is None else scores
+    est = ef_group_estimate(phi_selected)
+    return float(s.sum()) - lam * est.interaction
+
+
+def marginal_gain(
+    scores: torch.Tensor, phi: torch.Tensor, cum: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy gains of candidates given the selected set's cumulative influence C(A).
+
+    Δ(c | A) = s_c − (λ/m) [ φ_cᵀ C(A) + ½ ‖φ_c‖² ].  Returns (gain, interaction part) for each row
+    of ``phi`` ([B, m]); ``scores`` are the candidates' s_c ([B]).
+    """
+    m = phi.shape[-1]
+    inter = lam / m * (phi @ cum + 0.5 * (phi * phi).sum(dim=-1))
+    return scores - inter, inter

@@ -1,0 +1,377 @@
+"""Data layer: load instruction records from files or the Hub, normalise them to chat messages,
+render them to token ids with a loss mask that keeps only assistant tokens.
+
+Every example keeps a stable id (its own ``id`` field, else a hash of its content) and its
+provenance (source file and 1-based line or record index).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Sequence
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TULU_USER = "<|user|>\n"
+TULU_ASSISTANT = "<|assistant|>\n"
+TULU_SYSTEM = "<|system|>\n"
+
+
+class DataError(ValueError):
+    """Bad input data. The message always names the source, the line and the field."""
+
+    def __init__(self, source: str, line: int | None, field_name: str | None, problem: str):
+        where = f"{source}:{line}" if line is not None else source
+        what = f" field '{field_name}'" if field_name else ""
+        super().__init__(f"{where}:{what} {problem}")
+        self.source, self.line, self.field_name, self.problem = source, line, field_name, problem
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction example, normalised to chat messages, with provenance."""
+
+    id: str
+    messages: tuple[Message, ...]
+    source: str
+    line: int
+    task: str
+    record: dict[str, Any] = field(compare=False, hash=False, repr=False)
+
+    @property
+    def answer(self) -> str:
+        """Content of the last assistant turn."""
+        return next(m.content for m in reversed(self.messages) if m.role == "assistant")
+
+    @property
+    def prompt(self) -> str:
+        """Content of the last user turn."""
+        return next(m.content for m in reversed(self.messages) if m.role == "user")
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on every non-assistant token
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataConfig:
+    """Where a pool or target set comes from."""
+
+    path: str = ""
+    """Local .json/.jsonl/.parquet/.tsv file, a `datasets.save_to_disk` folder, or a Hub dataset id."""
+    split: str = "train"
+    """Split to read for Hub datasets and `save_to_disk` DatasetDicts."""
+    format: Literal["auto", "jsonl", "json", "parquet", "flan_cot_tsv", "disk", "hub"] = "auto"
+    task: str | None = None
+    """Task label for every example; default: the record's `task` field, else the file stem."""
+    max_examples: int | None = None
+    """Read only the first N records (None: all)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading raw records
+# --------------------------------------------------------------------------------------------
+
+
+def _detect_format(path: str) -> str:
+    p = Path(path)
+    if p.is_dir():
+        return "disk"
+    if p.exists():
+        suffix = "".join(p.suffixes[-1:]).lower()
+        return {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".tsv": "flan_cot_tsv"}.get(
+            suffix, "jsonl"
+        )
+    if path.count("/") <= 1 and not path.startswith((".", "/")):
+        return "hub"
+    raise DataError(path, None, None, "no such file or folder")
+
+
+def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line or record number, record) pairs, 1-based, in file order."""
+    fmt = cfg.format if cfg.format != "auto" else _detect_format(cfg.path)
+    src = cfg.path
+    if fmt == "jsonl":
+        with open(src, encoding="utf-8") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise DataError(src, lineno, None, f"malformed JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(src, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
+                yield lineno, rec
+    elif fmt == "json":
+        with open(src, encoding="utf-8") as fh:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise DataError(src, err.lineno, None, f"malformed JSON ({err.msg})") from None
+        if isinstance(data, dict):  # {"data": [...]} or {"examples": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(src, None, None, "expected a JSON list of records or an object holding one list")
+            data = lists[0]
+        for i, rec in enumerate(data, start=1):
+            if not isinstance(rec, dict):
+                raise DataError(src, i, None, f"record {i} is not a JSON object")
+            yield i, rec
+    elif fmt == "flan_cot_tsv":
+        with open(src, encoding="utf-8", newline="") as fh:
+            for lineno, row in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) != 3:
+                    raise DataError(src, lineno, None, f"expected 3 tab-separated columns (question, answer, rationale), got {len(row)}")
+                yield lineno, {"question": row[0], "answer": row[1], "rationale": row[2]}
+    elif fmt == "parquet":
+        import datasets
+
+        ds = datasets.Dataset.from_parquet(src)
+        for i, rec in enumerate(ds, start=1):
+            yield i, dict(rec)
+    elif fmt in ("disk", "hub"):
+        import datasets
+
+        if fmt == "disk":
+            ds = datasets.load_from_disk(src)
+        else:
+            ds = datasets.load_dataset(src, split=cfg.split)
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise DataError(src, None, "split", f"split '{cfg.split}' not found; have {sorted(ds)}")
+            ds = ds[cfg.split]
+        for i, rec in enumerate(ds, start=1):
+            yield i, dict(rec)
+    else:
+        raise DataError(src, None, "format", f"unknown format '{fmt}'")
+
+
+# --------------------------------------------------------------------------------------------
+# Normalising record shapes to messages
+# --------------------------------------------------------------------------------------------
+
+
+def _text(rec: dict[str, Any], key: str, src: str, line: int, *, allow_empty: bool = False) -> str:
+    value = rec.get(key)
+    if value is None:
+        raise DataError(src, line, key, "missing")
+    if not isinstance(value, str):
+        raise DataError(src, line, key, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(src, line, key, "is empty")
+    return value
+
+
+def record_to_messages(rec: dict[str, Any], src: str, line: int) -> tuple[Message, ...]:
+    """Normalise one record (chat, Alpaca, prompt/completion, question/answer, FLAN CoT) to messages."""
+    if "messages" in rec:
+        raw = rec["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise DataError(src, line, "messages", "must be a non-empty list of {role, content}")
+        msgs = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(src, line, f"messages[{i}]", "needs 'role' and 'content'")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise DataError(src, line, f"messages[{i}].role", f"unknown role '{m['role']}'")
+            if not isinstance(m["content"], str):
+                raise DataError(src, line, f"messages[{i}].content", "must be a string")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise DataError(src, line, f"messages[{i}].content", "assistant answer is empty")
+            msgs.append(Message(m["role"], m["content"]))
+        if not any(m.role == "assistant" for m in msgs):
+            raise DataError(src, line, "messages", "has no assistant turn (nothing to learn)")
+        return tuple(msgs)
+    if "instruction" in rec and "output" in rec:
+        instruction = _text(rec, "instruction", src, line)
+        extra = rec.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(src, line, "input", "must be a string")
+        user = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
+        return (Message("user", user), Message("assistant", _text(rec, "output", src, line)))
+    if "prompt" in rec and "completion" in rec:
+        return (
+            Message("user", _text(rec, "prompt", src, line)),
+            Message("assistant", _text(rec, "completion", src, line)),
+        )
+    if "question" in rec and "rationale" in rec and "answer" in rec:  # FLAN v2 CoT
+        question = _text(rec, "question", src, line)
+        answer = _text(rec, "answer", src, line)
+        rationale = _text(rec, "rationale", src, line)
+        return (Message("user", question), Message("assistant", f"{rationale.strip()} So the answer is {answer.strip()}."))
+    if "question" in rec and "answer" in rec:
+        return (
+            Message("user", _text(rec, "question", src, line)),
+            Message("assistant", _text(rec, "answer", src, line)),
+        )
+    partial = {"instruction": "output", "output": "instruction", "prompt": "completion", "completion": "prompt", "question": "answer", "answer": "question"}
+    for have, need in partial.items():
+        if have in rec:
+            raise DataError(src, line, need, f"missing (record has '{have}')")
+    raise DataError(
+        src, line, None,
+        f"unknown record shape with fields {sorted(rec)}; expected 'messages', 'instruction'/'output', "
+        "'prompt'/'completion', 'question'/'answer' or FLAN CoT 'question'/'answer'/'rationale'",
+    )
+
+
+def content_id(messages: Sequence[Message]) -> str:
+    """Stable id from the normalised content: 16 hex digits of SHA-256."""
+    canon = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+def load_examples(cfg: DataConfig | str) -> list[Example]:
+    """Load and normalise every record of a data source. Duplicate ids are reported and
+    disambiguated with a ``~N`` suffix so ids stay unique and stable."""
+    if isinstance(cfg, str):
+        cfg = DataConfig(path=cfg)
+    if not cfg.path:
+        raise DataError("<config>", None, "path", "no data path given")
+    default_task = cfg.task or Path(cfg.path).stem
+    examples: list[Example] = []
+    seen: Counter[str] = Counter()
+    first_line: dict[str, int] = {}
+    for line, rec in iter_records(cfg):
+        if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
+            break
+        messages = record_to_messages(rec, cfg.path, line)
+        raw_id = rec.get("id")
+        ex_id = str(raw_id) if raw_id not in (None, "") else content_id(messages)
+        seen[ex_id] += 1
+        if seen[ex_id] > 1:
+            logger.warning("%s:%d: duplicate id '%s' (first at line %d); kept as '%s~%d'",
+                           cfg.path, line, ex_id, first_line[ex_id], ex_id, seen[ex_id])
+            ex_id = f"{ex_id}~{seen[ex_id]}"
+        else:
+            first_line[ex_id] = line
+        task = cfg.task or str(rec.get("task") or default_task)
+        examples.append(Example(ex_id, messages, cfg.path, line, task, rec))
+    if not examples:
+        raise DataError(cfg.path, None, None, "no records")
+    return examples
+
+
+def duplicate_ids(examples: Iterable[Example]) -> dict[str, int]:
+    """Ids (before disambiguation) that occur more than once, with their counts."""
+    counts = Counter(e.id.split("~")[0] for e in examples)
+    return {k: v for k, v in counts.items() if v > 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering and tokenisation with the loss mask
+# --------------------------------------------------------------------------------------------
+
+Template = Literal["chat", "tulu"]
+
+
+def render(example: Example, tokenizer: Any, template: Template) -> tuple[str, list[tuple[int, int]]]:
+    """Render to text; return it with the character spans that count in the loss (assistant
+    contents, each followed by the end-of-sequence token where the template puts one)."""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    if template == "tulu":
+        parts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for m in example.messages:
+            if m.role == "assistant":
+                head = TULU_ASSISTANT
+                parts.append(head)
+                pos += len(head)
+                body = m.content + eos
+                spans.append((pos, pos + len(body)))
+                parts.append(body + "\n")
+                pos += len(body) + 1
+            else:
+                head = TULU_USER if m.role == "user" else TULU_SYSTEM
+                chunk = f"{head}{m.content}\n"
+                parts.append(chunk)
+                pos += len(chunk)
+        text = "".join(parts).rstrip("\n")
+        return text, spans
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(example.source, example.line, "template", "tokenizer has no chat template; use template: tulu")
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in example.messages], tokenize=False
+        )
+        spans, pos = [], 0
+        for m in example.messages:
+            start = text.find(m.content, pos)
+            if start < 0:
+                raise DataError(example.source, example.line, "messages", "chat template does not reproduce the content verbatim")
+            end = start + len(m.content)
+            pos = end
+            if m.role == "assistant":
+                if eos and text.startswith(eos, end):
+                    end += len(eos)
+                spans.append((start, end))
+        return text, spans
+    raise DataError(example.source, example.line, "template", f"unknown template '{template}'")
+
+
+def tokenize_example(example: Example, tokenizer: Any, template: Template, max_length: int) -> TokenizedExample:
+    """Token ids and labels (IGNORE_INDEX outside assistant spans), truncated on the right."""
+    text, spans = render(example, tokenizer, template)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    ids: list[int] = list(enc["input_ids"])[:max_length]
+    offsets = list(enc["offset_mapping"])[:max_length]
+    labels = []
+    for tok, (s, e) in zip(ids, offsets):
+        inside = e > s and any(s < b and e > a for a, b in spans)
+        labels.append(tok if inside else IGNORE_INDEX)
+    return TokenizedExample(example.id, ids, labels)
+
+
+@dataclass
+class Exclusion:
+    id: str
+    source: str
+    line: int
+    reason: str
+
+
+def tokenize_examples(
+    examples: Sequence[Example], tokenizer: Any, template: Template = "tulu", max_length: int = 2048
+) -> tuple[list[TokenizedExample], list[Exclusion]]:
+    """Tokenise every example; examples left with no answer tokens after truncation are
+    excluded and reported (they would otherwise give 0/0 = NaN losses downstream)."""
+    kept: list[TokenizedExample] = []
+    excluded: list[Exclusion] = []
+    for ex in examples:
+        tok = tokenize_example(ex, tokenizer, template, max_length)
+        if tok.num_answer_tokens == 0:
+            reason = f"no answer tokens left after truncation to max_length={max_length}"
+            logger.warning("%s:%d: example '%s' excluded: %s", ex.source, ex.line, ex.id, reason)
+            excluded.append(Exclusion(ex.id, ex.source, ex.line, reason))
+            continue
+        kept.append(tok)
+    if excluded:
+        logger.warning("%d of %d examples excluded (no answer tokens)", len(excluded), len(examples))
+    return kept, excluded
