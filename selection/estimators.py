@@ -91,28 +91,57 @@ def ef_group_estimate(phi_group: torch.Tensor) -> GroupEstimate:
     """Removal estimate of a group from its rows of Φ ([|S|, m]): Σ I + (1/2m) Σ_t C_t²."""
     cum = phi_group.sum(dim=0)
     m = phi_group.shape[-1]
-    return GroupEstimate(float(cum.sum() / m), float((cum * cum).sum() / (2 * m)))
+    return GroupEstimate(float(cum.sum() / m), quadratic_part(cum, None))
 
 
-def selection_objective(phi_selected: torch.Tensor, lam: float, scores: torch.Tensor | None = None) -> float:
-    """J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} κ(a, b) in EF form, from the selected rows of Φ.
+def _kappa_scale(m: int, scale: float | None) -> float:
+    return 1.0 / m if scale is None else scale
+
+
+def quadratic_part(cum: torch.Tensor, scale: float | None = None) -> float:
+    """½ Σ_{a,b∈S} κ(a, b) = ½ · scale · ‖C(S)‖² from the summed features C(S) = Σ_{a∈S} φ_a.
+
+    κ(a, b) = scale · ⟨φ_a, φ_b⟩; ``scale=None`` is the empirical-Fisher 1/m (m = feature length).
+    """
+    return 0.5 * _kappa_scale(cum.shape[-1], scale) * float(cum @ cum)
+
+
+def pairwise_kappa(phi_rows: torch.Tensor, phi_cols: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """κ between every row of ``phi_rows`` ([B, m] or [m]) and every row of ``phi_cols`` ([C, m] or [m]).
+
+    κ(a, b) = scale · ⟨φ_a, φ_b⟩ (``scale=None``: 1/m, the EF form). Never call it on the whole pool
+    against itself: that is the N×N matrix the selector avoids.
+    """
+    return _kappa_scale(phi_rows.shape[-1], scale) * (phi_rows @ phi_cols.T)
+
+
+def selection_objective(
+    phi_selected: torch.Tensor, lam: float, scores: torch.Tensor | None = None, scale: float | None = None
+) -> float:
+    """J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} κ(a, b), from the selected rows of the curvature features.
 
     ``scores`` overrides s_a (e.g. when the linear term uses true labels and Φ holds sampled-label
-    influences for the curvature, the Gauss-Newton variant).
+    influences for the curvature, the Gauss-Newton variant, or in the identity form where the rows are
+    parameter-space features u_a); ``scale`` as in :func:`pairwise_kappa`.
     """
     s = ef_scores(phi_selected) if scores is None else scores
-    est = ef_group_estimate(phi_selected)
-    return float(s.sum()) - lam * est.interaction
+    return float(s.sum()) - lam * quadratic_part(phi_selected.sum(dim=0), scale)
 
 
 def marginal_gain(
-    scores: torch.Tensor, phi: torch.Tensor, cum: torch.Tensor, lam: float
+    scores: torch.Tensor,
+    phi: torch.Tensor,
+    cum: torch.Tensor,
+    lam: float,
+    scale: float | None = None,
+    sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy gains of candidates given the selected set's cumulative influence C(A).
 
-    Δ(c | A) = s_c − (λ/m) [ φ_cᵀ C(A) + ½ ‖φ_c‖² ].  Returns (gain, interaction part) for each row
-    of ``phi`` ([B, m]); ``scores`` are the candidates' s_c ([B]).
+    Δ(c | A) = s_c − λ · scale · [ φ_cᵀ C(A) + ½ ‖φ_c‖² ]  (EF: scale = 1/m, the default).
+    Returns (gain, interaction part) for each row of ``phi`` ([B, m]); ``scores`` are the candidates'
+    s_c ([B]); ``sq_norms`` optionally gives the precomputed ‖φ_c‖² ([B]).
     """
-    m = phi.shape[-1]
-    inter = lam / m * (phi @ cum + 0.5 * (phi * phi).sum(dim=-1))
+    sq = (phi * phi).sum(dim=-1) if sq_norms is None else sq_norms
+    inter = lam * _kappa_scale(phi.shape[-1], scale) * (phi @ cum + 0.5 * sq)
     return scores - inter, inter

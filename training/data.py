@@ -96,16 +96,16 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------
 
 
+_FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".tsv": "flan_cot_tsv"}
+
+
 def _detect_format(path: str) -> str:
     p = Path(path)
     if p.is_dir():
         return "disk"
     if p.exists():
-        suffix = "".join(p.suffixes[-1:]).lower()
-        return {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".tsv": "flan_cot_tsv"}.get(
-            suffix, "jsonl"
-        )
-    if path.count("/") <= 1 and not path.startswith((".", "/")):
+        return _FILE_SUFFIXES.get(p.suffix.lower(), "jsonl")
+    if path.count("/") <= 1 and not path.startswith((".", "/", "~")) and p.suffix.lower() not in _FILE_SUFFIXES:
         return "hub"
     raise DataError(path, None, None, "no such file or folder")
 
@@ -148,7 +148,8 @@ def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
                     continue
                 if len(row) != 3:
                     raise DataError(src, lineno, None, f"expected 3 tab-separated columns (question, answer, rationale), got {len(row)}")
-                yield lineno, {"question": row[0], "answer": row[1], "rationale": row[2]}
+                question, answer, rationale = (c.replace("\\n", "\n") for c in row)  # FLAN escapes newlines
+                yield lineno, {"question": question, "answer": answer, "rationale": rationale}
     elif fmt == "parquet":
         import datasets
 
@@ -190,6 +191,7 @@ def _text(rec: dict[str, Any], key: str, src: str, line: int, *, allow_empty: bo
 
 def record_to_messages(rec: dict[str, Any], src: str, line: int) -> tuple[Message, ...]:
     """Normalise one record (chat, Alpaca, prompt/completion, question/answer, FLAN CoT) to messages."""
+    rec = {k: v for k, v in rec.items() if v is not None}  # columnar sources fill absent fields with None
     if "messages" in rec:
         raw = rec["messages"]
         if not isinstance(raw, list) or not raw:
@@ -318,28 +320,54 @@ def render(example: Example, tokenizer: Any, template: Template) -> tuple[str, l
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(example.source, example.line, "template", "tokenizer has no chat template; use template: tulu")
-        text = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in example.messages], tokenize=False
-        )
-        spans, pos = [], 0
-        for m in example.messages:
-            start = text.find(m.content, pos)
-            if start < 0:
-                raise DataError(example.source, example.line, "messages", "chat template does not reproduce the content verbatim")
-            end = start + len(m.content)
-            pos = end
-            if m.role == "assistant":
-                if eos and text.startswith(eos, end):
-                    end += len(eos)
-                spans.append((start, end))
-        return text, spans
+        return _render_chat(example, tokenizer)
     raise DataError(example.source, example.line, "template", f"unknown template '{template}'")
+
+
+def _render_chat(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Chat-template rendering. Each assistant span starts where the template's generation prompt
+    for the preceding turns ends and reaches to the end of the conversation rendered up to that
+    turn (so it takes in the end-of-turn token), found by rendering the prefixes of the
+    conversation; content is never searched inside the template's own markup."""
+    msgs = [{"role": m.role, "content": m.content} for m in example.messages]
+
+    def chat(turns: list[dict[str, str]], generation_prompt: bool) -> str:
+        if not turns:
+            return ""
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    text = chat(msgs, False)
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for i, m in enumerate(example.messages):
+        if m.role != "assistant":
+            continue
+        head = chat(msgs[:i], True)
+        if text.startswith(head):
+            pos = max(pos, len(head))
+        start = text.find(m.content, pos)
+        content = m.content
+        if start < 0:  # templates that trim the content
+            content = m.content.strip()
+            start = text.find(content, pos)
+        if start < 0:
+            raise DataError(example.source, example.line, f"messages[{i}].content",
+                            "the chat template does not reproduce the assistant content")
+        end = start + len(content)
+        upto = chat(msgs[: i + 1], False)
+        if text.startswith(upto) and len(upto) > end:
+            end = len(upto)
+        spans.append((start, end))
+        pos = end
+    return text, spans
 
 
 def tokenize_example(example: Example, tokenizer: Any, template: Template, max_length: int) -> TokenizedExample:
     """Token ids and labels (IGNORE_INDEX outside assistant spans), truncated on the right."""
     text, spans = render(example, tokenizer, template)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    has_bos = bool(bos) and text.startswith(bos)  # chat templates that write the BOS themselves
+    enc = tokenizer(text, add_special_tokens=not has_bos, return_offsets_mapping=True, truncation=False)
     ids: list[int] = list(enc["input_ids"])[:max_length]
     offsets = list(enc["offset_mapping"])[:max_length]
     labels = []

@@ -1,0 +1,180 @@
+"""``iaif fidelity``: removal estimators against leave-group-out retraining on small models.
+
+For each dataset-model pair: train to the optimum, draw random and coherent groups, retrain without
+each group (cached), evaluate the four estimators, and report Spearman/Pearson correlations per
+estimator on random and coherent groups, a scatter plot per pair and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation.fidelity.datasets import default_data_dir, load_split
+from evaluation.fidelity.estimate import estimate_groups
+from evaluation.fidelity.groups import GroupSettings, draw_groups, projected_gradients
+from evaluation.fidelity.hessian import build_curvature
+from evaluation.fidelity.models import FlatModel, ModelKind, build_model
+from evaluation.fidelity.objective import Problem
+from evaluation.fidelity.report import PairResult, markdown_table, scatter_plot, target_checks, write_results
+from evaluation.fidelity.retrain import FitSettings, RetrainCache, leave_group_out
+from training.provenance import write_run_info
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """One dataset-model pair."""
+
+    dataset: str
+    model: ModelKind
+    hidden: tuple[int, ...] = ()
+    activation: str = "tanh"
+    l2: float = 1e-3
+    n_train: int = 0
+    n_target: int = 500
+    downsample: int = 1
+
+    @property
+    def convex(self) -> bool:
+        return self.model == "logreg"
+
+    def describe(self) -> str:
+        arch = self.model + (f" {list(self.hidden)} {self.activation}" if self.hidden else "")
+        return f"{self.dataset} / {arch} / L2 {self.l2:g}"
+
+
+PAIRS: dict[str, PairSpec] = {
+    # with the data folder (the paper's kinds of pairs, sized for a 2-core CPU)
+    "mnist_logreg": PairSpec("mnist", "logreg", l2=1e-3, n_train=3000, n_target=1000, downsample=2),
+    "mnist_mlp": PairSpec("mnist", "mlp", (16,), l2=1e-3, n_train=2000, n_target=1000, downsample=2),
+    "concrete_mlp": PairSpec("concrete", "mlp", (32,), l2=1e-3, n_target=230),
+    "parkinsons_mlp": PairSpec("parkinsons", "mlp", (32,), l2=1e-3, n_train=2000, n_target=1000),
+    "digits_mlp": PairSpec("digits", "mlp", (32,), l2=1e-3, n_target=397),
+    "digits_resnet": PairSpec("digits", "resnet", (4, 8, 8, 8), "gelu", l2=1e-3, n_target=397),
+    # offline, scikit-learn's bundled sets only
+    "breast_cancer_logreg": PairSpec("breast_cancer", "logreg", l2=1e-2, n_target=169),
+    "digits_logreg": PairSpec("digits", "logreg", l2=1e-3, n_target=397),
+    "diabetes_mlp": PairSpec("diabetes", "mlp", (16,), l2=1e-2, n_target=142),
+    "wine_mlp": PairSpec("wine", "mlp", (8,), l2=1e-2, n_target=58),
+}
+DATA_SUITE = ("mnist_logreg", "mnist_mlp", "concrete_mlp", "parkinsons_mlp", "digits_mlp", "digits_resnet")
+OFFLINE_SUITE = ("breast_cancer_logreg", "digits_logreg", "digits_mlp", "diabetes_mlp", "wine_mlp", "digits_resnet")
+
+
+@dataclass
+class FidelityConfig:
+    """Settings of the fidelity benchmark."""
+
+    output_dir: str = "runs/fidelity"
+    """folder for table.md, results.json, scatter plots, config.yaml and run_info.json"""
+    data_dir: str = ""
+    """data folder; empty = $IAIF_SHARED_DATA, else ../shared/data next to the repository"""
+    pairs: list[str] = field(default_factory=list)
+    """pairs to run (names in evaluation.fidelity.benchmark.PAIRS); empty = the default suite:
+    the data-folder suite when the folder exists, else the scikit-learn suite"""
+    seed: int = 0
+    """seed of the data split, the groups and the first initialisation"""
+    nonconvex_seeds: int = 3
+    """non-convex models: initialisations averaged (truth and estimates); convex models use one"""
+    ihvp: str = "auto"
+    """inverse-Hessian-vector products: exact | cg | auto (exact up to exact_max_params)"""
+    damping: float = 0.0
+    """δ in (H + δI)⁻¹"""
+    exact_max_params: int = 4000
+    """auto switches to conjugate gradient above this many parameters"""
+    cg_tol: float = 1e-10
+    """relative residual tolerance of conjugate gradient"""
+    cg_maxiter: int = 1000
+    """iteration cap of conjugate gradient"""
+    groups: GroupSettings = field(default_factory=GroupSettings)
+    """group kinds, counts and sizes"""
+    fit: FitSettings = field(default_factory=FitSettings)
+    """L-BFGS settings for training and retraining"""
+    cache_dir: str = ""
+    """retraining cache; empty = OUTPUT_DIR/cache"""
+    threads: int = 1
+    """torch intra-op threads (1 is fastest for these small models, far faster on a busy CPU)"""
+
+
+def resolve_pairs(cfg: FidelityConfig) -> tuple[list[str], Path]:
+    """The pairs to run and the data folder (checks every name)."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    names = list(cfg.pairs) or list(DATA_SUITE if data_dir.is_dir() else OFFLINE_SUITE)
+    unknown = [n for n in names if n not in PAIRS]
+    if unknown:
+        raise ValueError(f"pairs: unknown {unknown}; known: {', '.join(PAIRS)}")
+    return names, data_dir
+
+
+def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cache_root: Path) -> PairResult:
+    """Train, draw groups, retrain (cached) and estimate on one pair."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    split = load_split(spec.dataset, data_dir, spec.n_train, spec.n_target, cfg.seed, spec.downsample)
+    input_shape = split.image_shape or tuple(split.x_train.shape[1:])
+    model = FlatModel(build_model(spec.model, input_shape, split.num_outputs, spec.hidden, spec.activation))
+    problem = Problem(model, split, spec.l2)
+    seeds = [cfg.seed] if spec.convex else [cfg.seed + s for s in range(cfg.nonconvex_seeds)]
+    fingerprint = hashlib.sha1(json.dumps([asdict(spec), cfg.seed, asdict(cfg.fit), torch.__version__], sort_keys=True).encode()).hexdigest()[:12]
+    caches = [RetrainCache(cache_root / name, fingerprint, s) for s in seeds]
+    inits = [model.init_params(s) for s in seeds]
+    thetas = [c.full_model(problem, th0, cfg.fit) for c, th0 in zip(caches, inits)]
+    timings["train_full_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    grads = projected_gradients(problem, thetas[0], cfg.groups.projection_dim, cfg.seed)
+    groups = draw_groups(split.class_labels(), split.x_train.numpy(), grads, cfg.groups, cfg.seed)
+    index = [g.index for g in groups]
+    timings["groups_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    actual = leave_group_out(problem, index, thetas, inits, caches, spec.convex, cfg.fit, label=f"{name} retrain").mean(axis=1)
+    timings["retrain_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    per_seed, raised, method = [], 0, ""
+    for s, theta in enumerate(thetas):
+        curv = build_curvature(problem, theta, cfg.ihvp, cfg.damping, cfg.exact_max_params, cfg.cg_tol, cfg.cg_maxiter)  # type: ignore[arg-type]
+        per_seed.append(estimate_groups(problem, theta, curv, index, label=f"{name} estimate seed {s}"))
+        raised, method = max(raised, curv.raised_eigenvalues), curv.method
+    timings["estimate_s"] = time.perf_counter() - t0
+
+    info = {"n": split.n, "m": len(split.y_target), "params": model.num_params, "seeds": seeds, "convex": spec.convex,
+            "ihvp": method, "damping": cfg.damping, "raised_eigenvalues_max": raised,
+            "f_full": [float(problem.target(t)) for t in thetas], **timings}
+    logger.info("%s: %s", name, info)
+    return PairResult(name, spec.describe(), [g.kind for g in groups], [len(i) for i in index],
+                      actual, np.mean(per_seed, axis=0), info)
+
+
+def run_fidelity(cfg: FidelityConfig) -> Path:
+    """Run the benchmark; returns the output folder (table.md, results.json, scatter_*.png)."""
+    names, data_dir = resolve_pairs(cfg)
+    out = Path(cfg.output_dir)
+    write_run_info(out, cfg, "fidelity")
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    torch.set_num_threads(cfg.threads)
+    results: list[PairResult] = []
+    start = time.perf_counter()
+    for name in names:
+        logger.info("pair %s: %s", name, PAIRS[name].describe())
+        results.append(run_pair(name, PAIRS[name], cfg, data_dir, cache_root))
+        scatter_plot(results[-1], out / f"scatter_{name}.png")
+        write_results(results, {r.name: PAIRS[r.name].convex for r in results}, out)
+    table = markdown_table(results)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    for res in results:
+        checks = target_checks(res, PAIRS[res.name].convex)
+        print(f"{res.name}: " + ", ".join(f"{k} {v['value']:+.3f} ({'met' if v['met'] else 'MISSED'})" for k, v in checks.items()))
+    print(f"total {time.perf_counter() - start:.0f} s; output in {out}")
+    return out

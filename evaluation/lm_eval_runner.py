@@ -1,0 +1,244 @@
+"""``iaif eval``: lm-evaluation-harness (Python API) on a base model plus an optional LoRA adapter.
+
+Backends: ``hf`` (transformers + peft, the adapter loaded on top of the base model; CPU or GPU)
+and ``vllm`` (GPU only, ``pip install iaif[vllm]``): the adapter is served as a LoRA with
+``max_lora_rank`` raised to the adapter's rank (vLLM's default of 16 refuses the LESS recipe's
+r=128), or merged into the base weights first (``merge_adapter: true``), which is faster to serve.
+
+Tasks come from three places: local benchmarks converted from the shared data folder
+(:data:`evaluation.tasks.BENCHMARKS`), the demo's target tasks, and lm-eval's built-in task names
+(those need the Hugging Face Hub). Output folder:
+
+- ``lm_eval_results.json`` — lm-eval's own result dictionary, unchanged (samples left out);
+- ``samples/<task>.jsonl`` — per-example inputs, outputs and scores (``log_samples``);
+- ``scores.json`` — the headline score of every requested task, read from the file above, with the
+  prompt template, chat template text and few-shot settings it was produced with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from training.provenance import write_run_info
+from training.tiny_model import TULU_CHAT_TEMPLATE  # the Tulu format of training.data.render as a chat template
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "lm_eval_results.json"
+SCORES_FILE = "scores.json"
+
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a base model (+ LoRA adapter) with lm-evaluation-harness."""
+
+    model: str = ""
+    """Base model: local folder or Hub id."""
+    adapter: str | None = None
+    """LoRA adapter folder (peft `save_pretrained` output); None evaluates the base model."""
+    output_dir: str = "runs/eval"
+    """Where results, samples and the converted task files go."""
+    tasks: list[str] = field(default_factory=list)
+    """Local benchmarks read from `data_dir`: mmlu, bbh, tydiqa, squad, gsm8k, arc_challenge, hellaswag, piqa, commonsenseqa, aqua."""
+    demo_targets: str | None = None
+    """A demo data `targets/` folder; every task in it (or `demo_tasks`) is evaluated as `demo/<task>`."""
+    demo_tasks: list[str] | None = None
+    """Subset of the demo target tasks (None: all)."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-eval built-in task names (downloaded from the Hub; not available offline)."""
+    data_dir: str | None = None
+    """Shared evaluation data folder (default: $IAIF_SHARED_DATA, else ../shared/data beside the repo)."""
+    template: Literal["tulu", "chat", "none"] = "tulu"
+    """Prompt format: the Tulu chat format used in training, the tokenizer's own chat template, or plain lm-eval prompts."""
+    fewshot_as_multiturn: bool = False
+    """With a chat format: each few-shot example its own user/assistant turn (False: all in one user turn, as LESS evaluates)."""
+    num_fewshot: dict[str, int] = field(default_factory=dict)
+    """Per-task few-shot overrides by short name, e.g. {gsm8k: 5}; default: each task's own setting."""
+    max_subtasks: int | None = None
+    """Keep only the first N subtasks of MMLU / BBH / TyDiQA (quick runs)."""
+    limit: float | None = None
+    """Examples per (sub)task: an int count, or a fraction below 1 (None: all)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """lm-eval model backend."""
+    device: str = "auto"
+    """Torch device for the hf backend (auto: cuda when available, else cpu)."""
+    dtype: str = "auto"
+    """Model dtype (auto, float32, bfloat16, float16)."""
+    batch_size: int = 8
+    """Evaluation batch size."""
+    max_length: int | None = None
+    """Context length cap (None: the model's)."""
+    max_gen_toks: int | None = None
+    """Cap on generated tokens in every generation task (None: each task's own; small context models need it)."""
+    max_lora_rank: int = 128
+    """vllm backend: largest LoRA rank to serve (must be >= the adapter's r)."""
+    merge_adapter: bool = False
+    """vllm backend: merge the adapter into the base weights (saved under output_dir/merged) instead of serving it as a LoRA."""
+    log_samples: bool = True
+    """Write per-example samples."""
+    seed: int = 1234
+    """Seed for lm-eval's few-shot sampling and generation."""
+
+
+@dataclass
+class TaskScore:
+    name: str
+    lm_eval_name: str
+    metric: str
+    score: float
+    stderr: float | None
+    num_fewshot: int
+    num_examples: int
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def chat_settings(cfg: EvalConfig, tokenizer_chat_template: str | None) -> dict[str, Any]:
+    """The chat-template and few-shot settings recorded with every result."""
+    text = {"tulu": TULU_CHAT_TEMPLATE, "chat": tokenizer_chat_template, "none": None}[cfg.template]
+    return {"template": cfg.template, "chat_template": text, "apply_chat_template": cfg.template != "none",
+            "fewshot_as_multiturn": cfg.fewshot_as_multiturn and cfg.template != "none"}
+
+
+def _merge(cfg: EvalConfig, out: Path) -> str:
+    """Merge the adapter into the base weights once; return the merged folder."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    merged = out / "merged"
+    if not (merged / "config.json").exists():
+        model = AutoPeftModelForCausalLM.from_pretrained(cfg.adapter, dtype="auto")
+        model.merge_and_unload().save_pretrained(merged)
+        AutoTokenizer.from_pretrained(cfg.model).save_pretrained(merged)
+    return str(merged)
+
+
+def _model_args(cfg: EvalConfig, out: Path) -> tuple[str, dict[str, Any]]:
+    args: dict[str, Any] = {"pretrained": cfg.model, "dtype": cfg.dtype}
+    if cfg.max_length:
+        args["max_length"] = cfg.max_length
+    if cfg.template == "tulu":
+        args["chat_template_args"] = {"chat_template": TULU_CHAT_TEMPLATE}
+    if cfg.backend == "hf":
+        if cfg.adapter:
+            args["peft"] = cfg.adapter
+        return "hf", args
+    if cfg.adapter and cfg.merge_adapter:
+        args["pretrained"] = _merge(cfg, out)
+    elif cfg.adapter:
+        args.update(lora_local_path=cfg.adapter, max_lora_rank=cfg.max_lora_rank)
+    return "vllm", args
+
+
+def _tokenizer_chat_template(cfg: EvalConfig) -> str | None:
+    if cfg.template != "chat":
+        return None
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(cfg.model).chat_template
+    if not template:
+        raise ValueError(f"{cfg.model}: the tokenizer has no chat template; use template: tulu or none")
+    return template
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def headline_scores(results: dict[str, Any], entries: list[Any]) -> list[TaskScore]:
+    """Read each requested task's headline metric from lm-eval's result dictionary."""
+    scores = []
+    table = results["results"]
+    for e in entries:
+        row = table.get(e.lm_eval_name)
+        if row is None or e.metric not in row:
+            have = sorted(row) if row else sorted(table)
+            raise KeyError(f"lm-eval results have no '{e.metric}' for {e.lm_eval_name}; have {have}")
+        name, filt = e.metric.split(",")
+        stderr = row.get(f"{name}_stderr,{filt}")
+        scores.append(TaskScore(e.name, e.lm_eval_name, e.metric, float(row[e.metric]),
+                                float(stderr) if isinstance(stderr, (int, float)) else None,
+                                e.num_fewshot, int(row.get("sample_len", e.num_examples))))
+    return scores
+
+
+def run_eval(cfg: EvalConfig) -> Path:
+    """Run lm-eval and write results, samples and headline scores into ``cfg.output_dir``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from evaluation.tasks import TaskEntry, build_tasks
+
+    if not cfg.model:
+        raise ValueError("eval: `model` is required (base model folder or Hub id)")
+    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"eval: adapter {cfg.adapter} has no adapter_config.json")
+    out = Path(cfg.output_dir)
+    write_run_info(out, cfg, "eval")
+    entries: list[TaskEntry] = []
+    include_path = None
+    if cfg.tasks or cfg.demo_targets:
+        built = build_tasks(out / "tasks", cfg.tasks, cfg.data_dir, cfg.demo_targets, cfg.demo_tasks,
+                            cfg.max_subtasks, cfg.num_fewshot)
+        entries, include_path = built.entries, str(built.include_path)
+    for name in cfg.lm_eval_tasks:  # built-in: headline metric unknown in advance, read the first one
+        entries.append(TaskEntry(name, name, "", cfg.num_fewshot.get(name, -1)))
+    if not entries:
+        raise ValueError("eval: no tasks (set tasks, demo_targets or lm_eval_tasks)")
+    settings = chat_settings(cfg, _tokenizer_chat_template(cfg))
+    backend, model_args = _model_args(cfg, out)
+    logger.info("lm-eval %s on %s (+ %s): %s", backend, cfg.model, cfg.adapter, [e.lm_eval_name for e in entries])
+    results = lm_eval.simple_evaluate(
+        model=backend,
+        model_args=model_args,
+        tasks=[e.lm_eval_name for e in entries],
+        batch_size=cfg.batch_size,
+        device=_device(cfg.device) if backend == "hf" else None,
+        limit=cfg.limit,
+        log_samples=cfg.log_samples,
+        gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
+        apply_chat_template=settings["apply_chat_template"],
+        fewshot_as_multiturn=settings["fewshot_as_multiturn"],
+        task_manager=TaskManager(include_path=include_path),
+        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+    )
+    if results is None:  # only non-zero ranks under distributed lm-eval
+        return out
+    samples = results.pop("samples", None)
+    for e in entries:
+        if not e.metric:
+            row = results["results"][e.lm_eval_name]
+            e.metric = next(k for k in row if "," in k and "_stderr" not in k)
+        if e.num_fewshot < 0:
+            e.num_fewshot = int(results.get("n-shot", {}).get(e.lm_eval_name, 0))
+    if samples:
+        (out / "samples").mkdir(exist_ok=True)
+        for task, rows in samples.items():
+            with open(out / "samples" / f"{task}.jsonl", "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+    _write_json(out / RESULTS_FILE, results)
+    scores = headline_scores(results, entries)
+    _write_json(out / SCORES_FILE, {
+        "model": cfg.model, "adapter": cfg.adapter, "backend": backend, "limit": cfg.limit, "seed": cfg.seed,
+        **settings,
+        "tasks": {s.name: s.__dict__ for s in scores},
+    })
+    for s in scores:
+        logger.info("%-24s %s = %.4f (%d-shot)", s.name, s.metric, s.score, s.num_fewshot)
+    return out

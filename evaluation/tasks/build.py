@@ -1,0 +1,160 @@
+"""Write offline lm-eval tasks: JSONL files converted from local data plus task YAMLs that
+``include`` the packaged templates and point ``dataset_kwargs.data_files`` at those files.
+
+The output folder (never inside the repository) is then given to ``lm_eval.tasks.TaskManager``
+as ``include_path``. Multi-part benchmarks (MMLU subjects, BBH tasks, TyDiQA languages) become an
+lm-eval group whose score aggregates its subtasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+PREFIX = "iaif_"
+
+
+def default_data_dir() -> Path:
+    """The shared evaluation data folder: ``$IAIF_SHARED_DATA``, else ``../shared/data`` beside the repo."""
+    env = os.environ.get("IAIF_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@dataclass
+class TaskEntry:
+    """One requested task as lm-eval sees it, with what the report needs to read its score."""
+
+    name: str
+    """Short name used in configs and reports (``mmlu``, ``demo/addition``, ...)."""
+    lm_eval_name: str
+    """Task or group name passed to lm-eval."""
+    metric: str
+    """Headline result key ``metric,filter``."""
+    num_fewshot: int
+    subtasks: list[str] = field(default_factory=list)
+    """lm-eval names of the subtasks when the entry is a group."""
+    num_examples: int = 0
+
+
+@dataclass
+class BuiltTasks:
+    include_path: Path
+    entries: list[TaskEntry]
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _write_task_yaml(folder: Path, task: str, template: str, sub: Subtask, num_fewshot: int | None) -> int:
+    """Write the subtask's data and YAML; return the number of few-shot examples it uses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data_files = {"test": str(folder / f"{task}.test.jsonl")}
+    _write_jsonl(Path(data_files["test"]), sub.records)
+    if sub.fewshot is not None:
+        data_files["fewshot"] = str(folder / f"{task}.fewshot.jsonl")
+        _write_jsonl(Path(data_files["fewshot"]), sub.fewshot)
+    config: dict[str, Any] = {
+        "include": str(TEMPLATES / template),
+        "task": task,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": data_files},
+        **sub.extra,
+    }
+    if num_fewshot is not None:
+        config["num_fewshot"] = num_fewshot
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    if sub.process_results:
+        text += f"process_results: !function {sub.process_results}\n"
+    (folder / f"{task}.yaml").write_text(text, encoding="utf-8")
+    if "num_fewshot" in config:
+        return int(config["num_fewshot"])
+    with open(TEMPLATES / template, encoding="utf-8") as fh:
+        return int(yaml.safe_load(fh).get("num_fewshot", 0))
+
+
+def _write_group(folder: Path, group: str, tasks: list[str], metric: str, weight_by_size: bool) -> None:
+    name, filt = metric.split(",")
+    config = {
+        "group": group,
+        "task": tasks,
+        "aggregate_metric_list": [{"metric": name, "filter_list": [filt], "weight_by_size": weight_by_size}],
+        "metadata": {"version": 1.0},
+    }
+    (folder / f"{group}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def _build_one(out: Path, name: str, lm_name: str, subtasks: list[Subtask], template: str, metric: str,
+               weight_by_size: bool, num_fewshot: int | None) -> TaskEntry:
+    folder = out / lm_name
+    if len(subtasks) == 1 and not subtasks[0].name:
+        shots = _write_task_yaml(folder, lm_name, template, subtasks[0], num_fewshot)
+        return TaskEntry(name, lm_name, metric, shots, num_examples=len(subtasks[0].records))
+    names = [f"{lm_name}_{s.name}" for s in subtasks]
+    shots = {_write_task_yaml(folder, t, template, s, num_fewshot) for t, s in zip(names, subtasks)}
+    _write_group(folder, lm_name, names, metric, weight_by_size)
+    return TaskEntry(name, lm_name, metric, shots.pop(), names, sum(len(s.records) for s in subtasks))
+
+
+def build_tasks(
+    out_dir: str | Path,
+    benchmarks: list[str] = (),  # type: ignore[assignment]
+    data_dir: str | Path | None = None,
+    demo_targets: str | Path | None = None,
+    demo_tasks: list[str] | None = None,
+    max_subtasks: int | None = None,
+    num_fewshot: dict[str, int] | None = None,
+) -> BuiltTasks:
+    """Convert local data and write lm-eval task YAMLs under ``out_dir``.
+
+    ``benchmarks``: names from :data:`evaluation.tasks.sources.BENCHMARKS`, read from ``data_dir``
+    (default :func:`default_data_dir`). ``demo_targets``: a ``targets/`` folder of the demo data;
+    ``demo_tasks`` picks some of its tasks (default: all). ``max_subtasks`` keeps the first N
+    subtasks of multi-part benchmarks (quick runs). ``num_fewshot`` overrides per short name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    num_fewshot = num_fewshot or {}
+    unknown = sorted(set(benchmarks) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown local benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+    entries = []
+    data = Path(data_dir) if data_dir else default_data_dir()
+    for name in benchmarks:
+        bench = BENCHMARKS[name]
+        subtasks = bench.reader(data)
+        if max_subtasks is not None and len(subtasks) > 1:
+            subtasks = subtasks[:max_subtasks]
+        entries.append(_build_one(out, name, PREFIX + name, subtasks, bench.template, bench.metric,
+                                  bench.weight_by_size, num_fewshot.get(name)))
+        logger.info("task %s: %d subtask(s), %d examples", name, len(subtasks), entries[-1].num_examples)
+    if demo_targets is not None:
+        root = Path(demo_targets)
+        available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if not available:
+            raise ValueError(f"{root}: no demo target task folders found")
+        chosen = demo_tasks or available
+        missing = sorted(set(chosen) - set(available))
+        if missing:
+            raise ValueError(f"{root}: demo task(s) {missing} not found; have {available}")
+        for task in chosen:
+            short = f"demo/{task}"
+            entries.append(_build_one(out, short, f"{PREFIX}demo_{task}", read_demo_target(root / task),
+                                      "demo_target.yaml", DEMO_METRIC, True, num_fewshot.get(short)))
+    if not entries:
+        raise ValueError("no tasks requested")
+    return BuiltTasks(out, entries)

@@ -1,0 +1,316 @@
+"""Readers that turn the local evaluation sets (the shared data folder, the demo targets) into the
+flat records the task templates in ``templates/`` expect.
+
+Each reader returns a list of :class:`Subtask`: a name, the scored records, optional few-shot
+records, and task-specific YAML keys. Bad input raises :class:`training.data.DataError` naming the
+file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from training.data import DataError
+
+Record = dict[str, Any]
+
+
+@dataclass
+class Subtask:
+    """One lm-eval task: scored records, few-shot records (None: few-shot from the scored file)."""
+
+    name: str
+    records: list[Record]
+    fewshot: list[Record] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys added to the generated task YAML (description, num_fewshot, ...)."""
+    process_results: str | None = None
+    """Dotted path of an lm-eval `process_results` function (written as `!function`)."""
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, Record]]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise DataError(str(path), lineno, None, f"malformed JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(str(path), lineno, None, "expected a JSON object")
+            out.append((lineno, rec))
+    if not out:
+        raise DataError(str(path), None, None, "no records")
+    return out
+
+
+def _need(rec: Record, key: str, path: Path, line: int) -> Any:
+    if key not in rec or rec[key] in (None, ""):
+        raise DataError(str(path), line, key, "missing")
+    return rec[key]
+
+
+def _require_dir(path: Path) -> Path:
+    if not path.exists():
+        raise DataError(str(path), None, None, "not found (is the data folder setting right?)")
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Shared-data benchmarks
+# ------------------------------------------------------------------------------------------
+
+
+def _mmlu_rows(path: Path) -> list[Record]:
+    rows = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                answer = int(row["answer"])
+                choices = [row[f"choice{i}"] for i in range(4)]
+                question = row["question"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise DataError(str(path), lineno, "answer/choice0-3/question", f"bad MMLU row ({err})") from None
+            if not 0 <= answer <= 3:
+                raise DataError(str(path), lineno, "answer", f"must be 0-3, got {answer}")
+            rows.append({"question": question, "choices": choices, "answer": answer})
+    return rows
+
+
+def read_mmlu(data_dir: Path) -> list[Subtask]:
+    """MMLU test per subject, 5-shot from the subject's dev file."""
+    root = _require_dir(data_dir / "mmlu")
+    subtasks = []
+    for test in sorted((root / "test").glob("*_test.csv")):
+        subject = test.name[: -len("_test.csv")]
+        dev = root / "dev" / f"{subject}_dev.csv"
+        nice = subject.replace("_", " ")
+        subtasks.append(Subtask(
+            subject, _mmlu_rows(test), _mmlu_rows(_require_dir(dev)),
+            extra={"description": f"The following are multiple choice questions (with answers) about {nice}.\n\n"},
+        ))
+    return subtasks
+
+
+_BBH_QA = re.compile(r"Q: (.*?)\nA: Let's think step by step\.\s*(.*)", re.S)
+
+
+def read_bbh(data_dir: Path) -> list[Subtask]:
+    """BBH per task; the 3 few-shot examples are parsed from cot-prompts/<task>.txt."""
+    root = _require_dir(data_dir / "bbh")
+    subtasks = []
+    for path in sorted((root / "bbh").glob("*.json")):
+        with open(path, encoding="utf-8") as fh:
+            examples = json.load(fh).get("examples")
+        if not examples:
+            raise DataError(str(path), None, "examples", "missing or empty")
+        records = [{"input": e["input"], "target": e["target"]} for e in examples]
+        prompt_path = _require_dir(root / "cot-prompts" / f"{path.stem}.txt")
+        text = prompt_path.read_text(encoding="utf-8").split("-----\n", 1)[-1]
+        description, *blocks = text.strip().split("\n\nQ: ")
+        shots = []
+        for block in blocks:
+            match = _BBH_QA.match("Q: " + block)
+            if not match:
+                raise DataError(str(prompt_path), None, None, "few-shot block is not 'Q: ...\\nA: Let's think step by step.\\n...'")
+            shots.append({"input": match.group(1), "target": match.group(2).strip()})
+        if len(shots) != 3:
+            raise DataError(str(prompt_path), None, None, f"expected 3 few-shot examples, found {len(shots)}")
+        subtasks.append(Subtask(path.stem, records, shots, extra={"description": description.strip() + "\n\n"}))
+    return subtasks
+
+
+def _squad_records(path: Path) -> list[Record]:
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh).get("data")
+    if not data:
+        raise DataError(str(path), None, "data", "missing or empty")
+    records = []
+    for article in data:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                answers = [a["text"] for a in qa.get("answers", [])]
+                if not answers:
+                    raise DataError(str(path), None, f"qas[{qa.get('id')}].answers", "empty")
+                records.append({"id": qa["id"], "context": para["context"], "question": qa["question"], "answers": answers})
+    return records
+
+
+TYDIQA_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi", "indonesian": "id",
+                    "korean": "ko", "russian": "ru", "swahili": "sw", "telugu": "te"}
+_QA_SCORER = "lm_eval.tasks.tydiqa.utils.process_results_{}"
+
+
+def read_tydiqa(data_dir: Path) -> list[Subtask]:
+    """TyDiQA-GoldP dev per language, 1-shot from the same language's dev set, F1."""
+    root = _require_dir(data_dir / "tydiqa_goldp" / "dev")
+    return [
+        Subtask(code, _squad_records(_require_dir(root / f"{lang}_tydiqa_dev.json")),
+                process_results=_QA_SCORER.format(code))
+        for lang, code in TYDIQA_LANGUAGES.items()
+    ]
+
+
+def read_squad(data_dir: Path) -> list[Subtask]:
+    """SQuAD v1.1 dev subset (XQuAD English), 1-shot from the same file, F1."""
+    path = _require_dir(data_dir / "squad_v1.1_dev_subset_xquad_en" / "xquad.en.json")
+    return [Subtask("", _squad_records(path), process_results=_QA_SCORER.format("en"))]
+
+
+def read_gsm8k(data_dir: Path) -> list[Subtask]:
+    """GSM8K test; few-shot examples sampled from train."""
+    root = _require_dir(data_dir / "gsm8k")
+
+    def load(path: Path) -> list[Record]:
+        return [{"question": _need(r, "question", path, i), "answer": _need(r, "answer", path, i)}
+                for i, r in _read_jsonl(path)]
+
+    return [Subtask("", load(root / "test.jsonl"), load(root / "train.jsonl"))]
+
+
+def _letters(n: int) -> str:
+    return "ABCDEFGH"[:n]
+
+
+def read_arc_challenge(data_dir: Path) -> list[Subtask]:
+    """ARC-Challenge test (already {query, choices, gold})."""
+    path = _require_dir(data_dir / "arc" / "arc_challenge.jsonl")
+    records = []
+    for i, r in _read_jsonl(path):
+        query = _need(r, "query", path, i)
+        records.append({"query": f"{query}\nAnswer:", "choices": _need(r, "choices", path, i), "gold": int(r.get("gold", -1))})
+    return [Subtask("", _check_gold(records, path))]
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def read_hellaswag(data_dir: Path) -> list[Subtask]:
+    """HellaSwag validation (6 lines per item: context, label, 4 endings)."""
+    path = _require_dir(data_dir / "hellaswag" / "hellaswag_val_full.txt")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise DataError(str(path), len(lines), None, "expected 6 lines per item")
+    records = []
+    for start in range(0, len(lines), 6):
+        ctx, label, *endings = lines[start : start + 6]
+        if not label.strip().isdigit():
+            raise DataError(str(path), start + 2, "label", f"expected 0-3, got '{label}'")
+        records.append({"query": _hellaswag_clean(ctx), "choices": [_hellaswag_clean(e) for e in endings], "gold": int(label)})
+    return [Subtask("", _check_gold(records, path))]
+
+
+def read_piqa(data_dir: Path) -> list[Subtask]:
+    """PIQA validation with the labels from valid-labels.lst."""
+    root = _require_dir(data_dir / "piqa")
+    rows = _read_jsonl(root / "valid.jsonl")
+    labels = (root / "valid-labels.lst").read_text(encoding="utf-8").split()
+    if len(labels) != len(rows):
+        raise DataError(str(root / "valid-labels.lst"), None, None, f"{len(labels)} labels for {len(rows)} questions")
+    path = root / "valid.jsonl"
+    records = [{"query": f"Question: {_need(r, 'goal', path, i)}\nAnswer:",
+                "choices": [_need(r, "sol1", path, i), _need(r, "sol2", path, i)], "gold": int(lab)}
+               for (i, r), lab in zip(rows, labels)]
+    return [Subtask("", _check_gold(records, path))]
+
+
+def read_commonsenseqa(data_dir: Path) -> list[Subtask]:
+    """CommonsenseQA dev (the test file has no answers)."""
+    path = _require_dir(data_dir / "commonsenseqa" / "dev_rand_split.jsonl")
+    records = []
+    for i, r in _read_jsonl(path):
+        q = _need(r, "question", path, i)
+        labels = [c["label"] for c in q["choices"]]
+        key = _need(r, "answerKey", path, i)
+        if key not in labels:
+            raise DataError(str(path), i, "answerKey", f"'{key}' is not one of {labels}")
+        records.append({"query": f"Question: {q['stem']}\nAnswer:", "choices": [c["text"] for c in q["choices"]], "gold": labels.index(key)})
+    return [Subtask("", records)]
+
+
+def read_aqua(data_dir: Path) -> list[Subtask]:
+    """AQuA-RAT test: the options are shown, the answer letter is scored."""
+    path = _require_dir(data_dir / "aqua_rat" / "test.json")
+    records = []
+    for i, r in _read_jsonl(path):
+        options = _need(r, "options", path, i)
+        letters = _letters(len(options))
+        correct = _need(r, "correct", path, i).strip()
+        if correct not in letters:
+            raise DataError(str(path), i, "correct", f"'{correct}' is not one of {list(letters)}")
+        shown = " ".join(f"({o.replace(')', ') ', 1)}" for o in options)
+        records.append({"query": f"Question: {r['question']}\nAnswer Choices: {shown}\nAnswer:",
+                        "choices": list(letters), "gold": letters.index(correct)})
+    return [Subtask("", records)]
+
+
+def _check_gold(records: list[Record], path: Path) -> list[Record]:
+    for i, r in enumerate(records, start=1):
+        if not 0 <= r["gold"] < len(r["choices"]):
+            raise DataError(str(path), i, "gold", f"index {r['gold']} outside the {len(r['choices'])} choices")
+    return records
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A local benchmark: its reader, template, headline metric and how subtasks combine."""
+
+    reader: Callable[[Path], list[Subtask]]
+    template: str
+    metric: str
+    """lm-eval result key of the headline score, ``metric,filter``."""
+    weight_by_size: bool = True
+    """Group score: mean over all questions (True) or over subtasks (False)."""
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "mmlu": Benchmark(read_mmlu, "mmlu.yaml", "acc,none", weight_by_size=True),
+    "bbh": Benchmark(read_bbh, "bbh_cot.yaml", "exact_match,get-answer", weight_by_size=False),
+    "tydiqa": Benchmark(read_tydiqa, "extractive_qa.yaml", "f1,none", weight_by_size=False),
+    "squad": Benchmark(read_squad, "extractive_qa.yaml", "f1,none"),
+    "gsm8k": Benchmark(read_gsm8k, "gsm8k.yaml", "exact_match,strict-match"),
+    "arc_challenge": Benchmark(read_arc_challenge, "multiple_choice.yaml", "acc_norm,none"),
+    "hellaswag": Benchmark(read_hellaswag, "multiple_choice.yaml", "acc_norm,none"),
+    "piqa": Benchmark(read_piqa, "multiple_choice.yaml", "acc_norm,none"),
+    "commonsenseqa": Benchmark(read_commonsenseqa, "multiple_choice.yaml", "acc,none"),
+    "aqua": Benchmark(read_aqua, "multiple_choice.yaml", "acc,none"),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Demo target tasks (training.demo_data)
+# ------------------------------------------------------------------------------------------
+
+DEMO_METRIC = "exact_match,none"
+
+
+def read_demo_target(task_dir: Path, split: str = "test") -> list[Subtask]:
+    """``OUT/targets/<task>/<split>.jsonl`` records {id, task, messages, answer} → {id, prompt, answer}.
+
+    The prompt is the single user turn; a system turn becomes the task description."""
+    path = _require_dir(task_dir / f"{split}.jsonl")
+    records, systems = [], set()
+    for i, r in _read_jsonl(path):
+        messages = _need(r, "messages", path, i)
+        users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+        if len(users) != 1:
+            raise DataError(str(path), i, "messages", f"expected exactly one user turn, got {len(users)}")
+        systems.update(m.get("content", "") for m in messages if m.get("role") == "system")
+        records.append({"id": str(_need(r, "id", path, i)), "prompt": users[0], "answer": str(_need(r, "answer", path, i))})
+    if len(systems) > 1:
+        raise DataError(str(path), None, "messages", "system turns differ between records; expected one per task")
+    extra = {"description": systems.pop()} if systems else {}
+    return [Subtask("", records, extra=extra)]

@@ -1,0 +1,331 @@
+"""``iaif run CONFIG`` and ``iaif demo``: the whole pipeline, each step in its own folder.
+
+Steps, in order (``OUT`` = ``output_dir``):
+
+1. ``setup``   — demo only: build the tiny base model and generate the demo data (``OUT/demo_data``);
+2. ``warmup``  — LoRA warm-up on a random fraction of the pool (``OUT/warmup/checkpoint-epoch{E}``);
+3. ``extract`` — per checkpoint: Adam features of the pool and plain-gradient features of each
+   target task (``OUT/features/epoch{E}/{pool,target-<task>}``);
+4. ``select``  — every method at the same budget (``OUT/select/<method>[-s<seed>]``; only the
+   seeded methods, e.g. random, make one selection per seed);
+5. ``train``   — one adapter per method and seed (``OUT/train/<method>-s<seed>``);
+6. ``eval``    — lm-eval on the base model and every adapter (``OUT/eval/<method>-s<seed>``, ``OUT/eval/base``);
+7. ``report``  — ``OUT/report/report.md``, ``results.json`` and plots.
+
+A step whose outputs exist is skipped (resume after an interruption: rerun the same command).
+Each stage's config is built from the pipeline-level fields below, then the YAML section of the
+same name (``warmup:``, ``extract:``, ``select:``, ``train:``, ``eval:``) is merged on top, so
+every stage setting stays reachable; the resolved stage config is written into the step's folder
+(replayable with ``iaif STAGE --config``). Under ``accelerate launch`` the distributed steps
+(warm-up, extract, train, eval) run on every process; select and report on the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
+
+from iaif.config import config_from_dict
+from training.provenance import write_run_info
+
+logger = logging.getLogger(__name__)
+
+ALL_METHODS = ["interaction", "less", "first-order", "random", "rds", "embed"]
+SEEDED_METHODS = {"random"}
+STEPS = ["setup", "warmup", "extract", "select", "train", "eval", "report"]
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline: warm-up, extract, select (every method), train (per method and seed), eval, report."""
+
+    output_dir: str = "runs/pipeline"
+    """Root folder; every step writes into its own subfolder."""
+    model: str = ""
+    """Base model (Hub id or local folder). Demo: filled in with the tiny model."""
+    pool: str = ""
+    """Candidate pool file (any format the data layer reads). Demo: the generated pool."""
+    targets: dict[str, str] = field(default_factory=dict)
+    """Target task name -> validation file used for selection. Demo: the generated validation sets."""
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    """Selection methods to compare (interaction, less, first-order, random, rds, embed)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Fine-tuning seeds (and selection seeds of the seeded methods)."""
+    fraction: float = 0.05
+    """Selection budget as a fraction of the pool (LESS: 5%); the same for every method."""
+    k: int | None = None
+    """Selection budget as a number of examples (overrides fraction)."""
+    template: str = "tulu"
+    """Prompt format in every stage: tulu or chat (the tokenizer's template)."""
+    max_length: int = 2048
+    """Token limit per example in warm-up, extraction and training."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Local benchmarks to evaluate on (mmlu, bbh, tydiqa, gsm8k, ...); the demo adds its target tasks."""
+    eval_base: bool = True
+    """Also evaluate the base model without an adapter (the `base` row of the report)."""
+    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    """Steps to run (e.g. [warmup] for a separate multi-GPU job); the others must already be done when needed."""
+    tiny_model: dict[str, Any] | None = None
+    """Demo: settings of training.tiny_model.TinyModelConfig; when set, the tiny model is built and used as `model`."""
+    demo_data: dict[str, Any] | None = None
+    """Demo: settings of training.demo_data.DemoDataConfig; when set, the data are generated and used as pool, targets and eval tasks."""
+    warmup: dict[str, Any] = field(default_factory=dict)
+    """Overrides of training.warmup.WarmupConfig (e.g. {training: {num_epochs: 4}, fraction: 0.05})."""
+    extract: dict[str, Any] = field(default_factory=dict)
+    """Overrides of selection.features.extract.ExtractConfig (e.g. {dim: 8192, projection: factorised})."""
+    select: dict[str, Any] = field(default_factory=dict)
+    """Overrides of selection.select.SelectConfig shared by every method."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Overrides of training.finetune.TrainConfig (e.g. {training: {num_epochs: 4}})."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """Overrides of evaluation.lm_eval_runner.EvalConfig (e.g. {batch_size: 16, backend: vllm})."""
+
+
+def _stage(ref: str) -> tuple[type, Callable[[Any], Path]]:
+    import importlib
+
+    from iaif.cli import STAGES
+
+    stage = STAGES[ref]
+    mods = [s.split(":") for s in (stage.config, stage.run)]
+    return tuple(getattr(importlib.import_module(m), n) for m, n in mods)  # type: ignore[return-value]
+
+
+def _compose(stage: str, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """The stage's config: pipeline-derived values, then the YAML section merged on top."""
+    cls, _ = _stage(stage)
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(overrides)))
+    return config_from_dict(cls, merged, origin=f"pipeline section '{stage}'")  # type: ignore[arg-type]
+
+
+def _run_stage(stage: str, cfg: Any) -> Path:
+    return _stage(stage)[1](cfg)
+
+
+class _Ranks:
+    """Main-process test and barrier (one process without accelerate)."""
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        self.state = PartialState()
+
+    @property
+    def main(self) -> bool:
+        return self.state.is_main_process
+
+    def wait(self) -> None:
+        self.state.wait_for_everyone()
+
+
+@dataclass
+class _Resolved:
+    model: str
+    pool: str
+    targets: dict[str, str]
+    demo_targets: str | None
+
+
+def _setup(cfg: PipelineConfig, out: Path, ranks: _Ranks) -> _Resolved:
+    model, pool, targets, demo_targets = cfg.model, cfg.pool, dict(cfg.targets), None
+    if cfg.tiny_model is not None:
+        from training.tiny_model import TinyModelConfig, build_tiny_model
+
+        tiny = config_from_dict(TinyModelConfig, cfg.tiny_model, "tiny_model")  # cached by its settings
+        if ranks.main:
+            build_tiny_model(tiny)
+        ranks.wait()
+        model = str(tiny.resolved_output_dir())
+    if cfg.demo_data is not None:
+        from training.demo_data import DemoDataConfig, make_demo_data
+
+        demo = config_from_dict(DemoDataConfig, {"output_dir": str(out / "demo_data"), **cfg.demo_data}, "demo_data")
+        data_dir = Path(demo.output_dir)
+        if ranks.main and not (data_dir / "manifest.json").is_file():
+            make_demo_data(demo)
+        ranks.wait()
+        pool = str(data_dir / "pool.jsonl")
+        demo_targets = str(data_dir / "targets")
+        targets = {**{t: str(data_dir / "targets" / t / "validation.jsonl") for t in demo.target_tasks}, **targets}
+    if not model or not pool or not targets:
+        raise ValueError("run: `model`, `pool` and `targets` are required (or `tiny_model` / `demo_data` for the demo)")
+    return _Resolved(model, pool, targets, demo_targets)
+
+
+def _budget(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"k": cfg.k} if cfg.k is not None else {"fraction": cfg.fraction}
+
+
+def _done(path: Path) -> bool:
+    if path.exists():
+        logger.info("skip: %s exists", path)
+        return True
+    return False
+
+
+def _warmup(cfg: PipelineConfig, res: _Resolved, out: Path) -> list[Path]:
+    from training.checkpoint import CheckpointError, list_checkpoints
+
+    folder = out / "warmup"
+    try:
+        return list_checkpoints(folder)
+    except CheckpointError:
+        if "warmup" not in cfg.steps:
+            raise
+    base = {"data": {"path": res.pool}, "model": {"name_or_path": res.model}, "output_dir": str(folder),
+            "training": {"template": cfg.template, "max_length": cfg.max_length}}
+    _run_stage("warmup", _compose("warmup", base, cfg.warmup))
+    return list_checkpoints(folder)
+
+
+def _extract(cfg: PipelineConfig, res: _Resolved, out: Path, checkpoints: list[Path]) -> dict[str, list[str]]:
+    """Feature stores: ``{"pool": [per checkpoint], "<task>": [per checkpoint]}``."""
+    stores: dict[str, list[str]] = {"pool": []}
+    for ckpt in checkpoints:
+        jobs = [("pool", res.pool, "adam")] + [(f"target-{t}", p, "grad") for t, p in res.targets.items()]
+        for name, data, feature in jobs:
+            folder = out / "features" / ckpt.name.replace("checkpoint-", "") / name
+            key = "pool" if name == "pool" else name[len("target-"):]
+            stores.setdefault(key, []).append(str(folder))
+            if _done(folder / "meta.json"):
+                continue
+            if "extract" not in cfg.steps:
+                raise FileNotFoundError(f"{folder}: feature store missing and step 'extract' not requested")
+            base = {"model": {"name_or_path": res.model}, "checkpoint": str(ckpt), "data": {"path": data},
+                    "feature": feature, "template": cfg.template, "max_length": cfg.max_length, "output_dir": str(folder)}
+            if key != "pool":
+                base["data"]["task"] = key
+            _run_stage("extract", _compose("extract", base, cfg.extract))
+    return stores
+
+
+def _selection_name(method: str, seed: int) -> str:
+    return f"{method}-s{seed}" if method in SEEDED_METHODS else method
+
+
+def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, list[str]], ranks: _Ranks) -> dict[str, Path]:
+    """One selection per method (per seed for the seeded ones); returns name -> folder."""
+    chosen: dict[str, Path] = {}
+    for method in cfg.methods:
+        for seed in (cfg.seeds if method in SEEDED_METHODS else cfg.seeds[:1]):
+            name = _selection_name(method, seed)
+            folder = out / "select" / name
+            chosen[name] = folder
+            if _done(folder / "summary.json"):
+                continue
+            if "select" not in cfg.steps:
+                raise FileNotFoundError(f"{folder}: selection missing and step 'select' not requested")
+            base = {"method": method, "seed": seed, "pool": {"path": res.pool}, "model": res.model,
+                    "pool_stores": stores["pool"], "targets": list(res.targets.values()),
+                    "target_stores": [s for t in res.targets for s in stores[t]],
+                    "template": cfg.template, "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
+            if ranks.main:
+                _run_stage("select", _compose("select", base, cfg.select))
+            ranks.wait()
+    return chosen
+
+
+def _train(cfg: PipelineConfig, res: _Resolved, out: Path, selections: dict[str, Path]) -> dict[tuple[str, int], Path]:
+    adapters: dict[tuple[str, int], Path] = {}
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            folder = out / "train" / f"{method}-s{seed}"
+            adapters[(method, seed)] = folder / "adapter"
+            if _done(folder / "adapter" / "adapter_config.json"):
+                continue
+            if "train" not in cfg.steps:
+                raise FileNotFoundError(f"{folder}: adapter missing and step 'train' not requested")
+            data = selections[_selection_name(method, seed)] / "selected.jsonl"
+            base = {"data": {"path": str(data)}, "model": {"name_or_path": res.model}, "output_dir": str(folder),
+                    "training": {"seed": seed, "template": cfg.template, "max_length": cfg.max_length}}
+            _run_stage("train", _compose("train", base, cfg.train))
+    return adapters
+
+
+def _eval(cfg: PipelineConfig, res: _Resolved, out: Path, adapters: dict[tuple[str, int], Path]) -> list[Any]:
+    from evaluation.lm_eval_runner import SCORES_FILE
+    from evaluation.report import EvalRun
+
+    jobs: list[tuple[str, int, Path | None]] = [("base", seed, None) for seed in cfg.seeds[:1] if cfg.eval_base]
+    jobs += [(m, s, a) for (m, s), a in adapters.items()]
+    runs = []
+    for method, seed, adapter in jobs:
+        folder = out / "eval" / (method if adapter is None else f"{method}-s{seed}")
+        runs.append(EvalRun(method, seed, folder))
+        if _done(folder / SCORES_FILE):
+            continue
+        if "eval" not in cfg.steps:
+            raise FileNotFoundError(f"{folder}: evaluation missing and step 'eval' not requested")
+        base = {"model": res.model, "adapter": str(adapter) if adapter else None, "output_dir": str(folder),
+                "tasks": list(cfg.eval_tasks), "demo_targets": res.demo_targets, "seed": seed,
+                "template": cfg.template}
+        _run_stage("eval", _compose("eval", base, cfg.eval))
+    return runs
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run (or resume) every step; return the report path (or the output folder if no report step)."""
+    unknown = sorted(set(cfg.methods) - set(ALL_METHODS)) + sorted(set(cfg.steps) - set(STEPS))
+    if unknown:
+        raise ValueError(f"run: unknown method(s)/step(s) {unknown}; methods {ALL_METHODS}, steps {STEPS}")
+    if not cfg.seeds:
+        raise ValueError("run: `seeds` is empty")
+    out = Path(cfg.output_dir)
+    ranks = _Ranks()
+    if ranks.main:
+        write_run_info(out, cfg, "run")
+    start = time.perf_counter()
+    last = max(STEPS.index(s) for s in cfg.steps)
+
+    def finished(step: str, what: str) -> bool:
+        logger.info("[%.0fs] %s: %s", time.perf_counter() - start, step, what)
+        return STEPS.index(step) >= last
+
+    res = _setup(cfg, out, ranks)
+    if finished("setup", f"model {res.model}, pool {res.pool}, targets {sorted(res.targets)}"):
+        return out
+    checkpoints = _warmup(cfg, res, out)
+    if finished("warmup", f"{len(checkpoints)} checkpoint(s)"):
+        return out
+    stores = _extract(cfg, res, out, checkpoints)
+    if finished("extract", f"{sum(map(len, stores.values()))} feature store(s)"):
+        return out
+    selections = _select(cfg, res, out, stores, ranks)
+    if finished("select", f"{len(selections)} selection(s)"):
+        return out
+    adapters = _train(cfg, res, out, selections)
+    if finished("train", f"{len(adapters)} adapter(s)"):
+        return out
+    runs = _eval(cfg, res, out, adapters)
+    if finished("eval", f"{len(runs)} evaluation(s)") or not ranks.main:
+        return out
+    from evaluation.report import write_report
+
+    report = write_report(runs, {name: folder / "summary.json" for name, folder in selections.items()},
+                          out / "report", title=f"iaif comparison: {Path(cfg.output_dir).name}")
+    finished("report", str(report))
+    return report
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def demo_config() -> PipelineConfig:
+    """The embedded default: ``configs/demo.yaml`` (tiny model, generated data, every method, 2 seeds)."""
+    from iaif.config import config_from_yaml
+
+    return config_from_yaml(PipelineConfig, DEMO_CONFIG)
+
+
+def run_demo(cfg: PipelineConfig) -> Path:
+    """``iaif demo``: the pipeline on configs/demo.yaml; fields given to ``iaif demo`` (flags or
+    --config) that differ from the built-in defaults override it."""
+    default = PipelineConfig()
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+    return run_pipeline(dataclasses.replace(demo_config(), **changed))

@@ -1,0 +1,140 @@
+"""Feature store: ``features.npy`` ([N, d], opened memory-mapped), ``ids.json`` (row order) and
+``meta.json`` (what made it). While a job runs, each process writes finished shards to
+``.shards/shard-XXXXX.npz`` (atomic rename); a killed job resumes from them and the finished store
+is assembled from the shards in dataset order. ``meta.json`` is written last: a folder without it
+is not a store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+FEATURES_FILE = "features.npy"
+IDS_FILE = "ids.json"
+META_FILE = "meta.json"
+SHARD_DIR = ".shards"
+JOB_FILE = "job.json"
+
+MODEL_KEYS = ("model", "model_revision", "template_hash")
+PROJECTION_KEYS = ("projection", "projection_seed", "dim", "projection_version")
+DATASET_KEYS = ("dataset_fingerprint",)
+
+
+class StoreMismatchError(ValueError):
+    """Stores (or a store and a job) made with another model, projection or dataset."""
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def require_match(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
+    """Raise ``StoreMismatchError`` naming every key of ``keys`` where ``a`` and ``b`` differ."""
+    diffs = _differences(a, b, keys)
+    if diffs:
+        raise StoreMismatchError(f"{what}: " + "; ".join(diffs))
+
+
+@dataclass
+class FeatureStore:
+    """An opened store: ``features`` is a read-only memory map [N, d]."""
+
+    path: Path
+    features: np.ndarray
+    ids: list[str]
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, expect: Mapping[str, Any] | None = None) -> "FeatureStore":
+        """Open a finished store; with ``expect``, every given meta key must have that value."""
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            partial = (path / SHARD_DIR).is_dir()
+            raise FileNotFoundError(
+                f"{path}: not a finished feature store ({META_FILE} missing"
+                + ("; an unfinished extract job is there, rerun it to resume" if partial else "") + ")"
+            )
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        ids = json.loads((path / IDS_FILE).read_text(encoding="utf-8"))
+        features = np.load(path / FEATURES_FILE, mmap_mode="r")
+        if features.shape != (len(ids), meta["dim"]) or str(features.dtype) != meta["dtype"]:
+            raise StoreMismatchError(
+                f"{path}: {FEATURES_FILE} is {features.dtype}{list(features.shape)}, "
+                f"meta says {meta['dtype']}[{len(ids)}, {meta['dim']}]"
+            )
+        if expect:
+            require_match(meta, expect, list(expect), f"{path}")
+        return cls(path, features, ids, meta)
+
+    def check_compatible(self, other: "FeatureStore", same_dataset: bool) -> None:
+        """Refuse to combine with a store of another model, template or projection (and, with
+        ``same_dataset``, of another dataset: e.g. one pool at several checkpoints)."""
+        keys = MODEL_KEYS + PROJECTION_KEYS + (DATASET_KEYS if same_dataset else ())
+        require_match(self.meta, other.meta, keys, f"{self.path} and {other.path} cannot be combined")
+
+
+class ShardWriter:
+    """Shards of one extract job in ``out_dir/.shards``, shared by all processes of the job."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.shard_dir = self.out_dir / SHARD_DIR
+
+    def claim(self, job: Mapping[str, Any]) -> None:
+        """Start or resume ``job`` (one process only): an unfinished job of another configuration
+        in the folder is an error, never mixed in."""
+        job_file = self.shard_dir / JOB_FILE
+        if job_file.is_file():
+            previous = json.loads(job_file.read_text(encoding="utf-8"))
+            require_match(previous, job, sorted(set(previous) | set(job)),
+                          f"{self.out_dir} holds an unfinished extract job with other settings")
+            return
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(job_file, json.dumps(dict(job), indent=2, sort_keys=True))
+
+    def _path(self, shard: int) -> Path:
+        return self.shard_dir / f"shard-{shard:05d}.npz"
+
+    def is_done(self, shard: int) -> bool:
+        return self._path(shard).is_file()
+
+    def write(self, shard: int, rows: np.ndarray, values: np.ndarray) -> None:
+        """Save one finished shard (row indices into the dataset and their features) atomically."""
+        tmp = self.shard_dir / f".tmp-{shard:05d}-{os.getpid()}.npz"
+        np.savez(tmp, rows=rows, values=values)
+        os.replace(tmp, self._path(shard))
+
+    def assemble(self, num_shards: int, ids: Sequence[str], dim: int, dtype: str, meta: Mapping[str, Any]) -> Path:
+        """Write the finished store from all shards, in dataset order; check no row is missing or doubled."""
+        tmp_features = self.out_dir / f".{FEATURES_FILE}.tmp"
+        array = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim))
+        seen = np.zeros(len(ids), dtype=np.int64)
+        for shard in range(num_shards):
+            if not self.is_done(shard):
+                raise RuntimeError(f"{self._path(shard)} missing: the job did not finish every shard")
+            with np.load(self._path(shard)) as data:
+                rows, values = data["rows"], data["values"]
+            array[rows] = values
+            np.add.at(seen, rows, 1)
+        if not (seen == 1).all():
+            bad = np.nonzero(seen != 1)[0][:5].tolist()
+            raise RuntimeError(f"rows {bad} were written {seen[bad].tolist()} times; store not assembled")
+        array.flush()
+        del array
+        os.replace(tmp_features, self.out_dir / FEATURES_FILE)
+        _atomic_write_text(self.out_dir / IDS_FILE, json.dumps(list(ids)))
+        _atomic_write_text(self.out_dir / META_FILE, json.dumps(dict(meta), indent=2, sort_keys=True))
+        shutil.rmtree(self.shard_dir)
+        return self.out_dir
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,307 @@
+"""Greedy maximisation of the interaction-aware objective (METHOD.md §2), never the N×N matrix.
+
+Each objective is J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} κ(a, b) with κ(a, b) = scale·⟨ψ_a, ψ_b⟩ over
+curvature features ψ ([N, q]); the gain of a candidate is ``selection.estimators.marginal_gain``.
+
+Exact greedy ("bounded"): the straightforward loop recomputes all N gains every step (one N×q
+matrix-vector product per step, O(k·N·q)). Here gains are recomputed over the whole pool only at a
+*refresh*; in between, a shortlist of the best candidates is kept exact, and every other candidate c
+is bounded from above with the gains of the last refresh (C_ref):
+
+    gain_c(C) = g_ref,c − coef·ψ_cᵀ(C − C_ref),   coef = λ·scale
+    ψ_cᵀΔ = z_cᵀ w + ψ⊥_cᵀ Δ⊥ ≥ z_cᵀ w − ‖ψ⊥_c‖‖Δ⊥‖      (z = Eᵀψ, w = EᵀΔ, E a rank-r basis)
+
+so U_c = g_ref,c − coef·z_cᵀw + coef·‖ψ⊥_c‖‖Δ⊥‖ ≥ gain_c. The best shortlist gain is the exact argmax
+when it beats every U_c; candidates whose bound it does not beat get their exact gain computed and join
+the shortlist; when there are too many of them, the step refreshes. The result equals the
+straightforward loop (up to the order among equal gains, e.g. exact duplicates). E spans the leading
+right singular vectors of a seeded row sample of ψ, where influence features put most of their mass;
+the bound is applied with per-coordinate extremes of z over the outside candidates, so only a prefix
+of them (sorted by refresh gain) is ever looked at. The step loop runs single-threaded.
+
+Stochastic greedy (Mirzasoleiman et al. 2015): each step evaluates the exact gain of
+⌈(N/k)·ln(1/ε)⌉ random unselected candidates and takes the best.
+
+Several objectives (one per target task) are served round-robin: step i picks the best candidate of
+objective i mod T; every objective sees every pick. A sum of objectives is a single objective
+(see ``selection.objective``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from selection.estimators import marginal_gain, selection_objective
+
+logger = logging.getLogger(__name__)
+
+GreedyKind = Literal["exact", "stochastic"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One selection objective: J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} scale·⟨ψ_a, ψ_b⟩."""
+
+    scores: torch.Tensor
+    """s_c for every candidate, [N]."""
+    curv: torch.Tensor
+    """Curvature features ψ, [N, q] (a strided view is fine)."""
+    lam: float
+    """Trade-off weight λ ≥ 0 (0: first-order top-k)."""
+    scale: float | None = None
+    """κ(a, b) = scale·⟨ψ_a, ψ_b⟩; None: 1/q (empirical Fisher)."""
+    name: str = "all"
+    """Task name, for logs."""
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 1 or self.curv.ndim != 2 or self.curv.shape[0] != self.scores.shape[0]:
+            raise ValueError(f"objective '{self.name}': scores [N] and curv [N, q] needed, got "
+                             f"{tuple(self.scores.shape)} and {tuple(self.curv.shape)}")
+        if self.lam < 0 or not math.isfinite(self.lam):
+            raise ValueError(f"objective '{self.name}': λ must be finite and ≥ 0, got {self.lam}")
+
+    @property
+    def coef(self) -> float:
+        """λ·scale, the factor of ⟨ψ_c, C(A)⟩ in the gain."""
+        return self.lam * (1.0 / self.curv.shape[1] if self.scale is None else self.scale)
+
+    def value(self, indices: Sequence[int] | torch.Tensor) -> float:
+        """J(A) of a set of row indices."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.curv.device)
+        return selection_objective(self.curv[idx].float(), self.lam, self.scores[idx], self.scale)
+
+
+@dataclass(frozen=True)
+class GreedyStep:
+    """One greedy step: the chosen row, its gain and the gain's two parts (gain = first − inter)."""
+
+    rank: int
+    index: int
+    gain: float
+    first_order: float
+    interaction: float
+    task: str
+
+
+@dataclass(frozen=True)
+class GreedyResult:
+    steps: list[GreedyStep]
+    refreshes: int
+    """Full passes over the pool (exact greedy); 0 for stochastic greedy."""
+
+    @property
+    def indices(self) -> list[int]:
+        return [s.index for s in self.steps]
+
+
+def _row_chunks(n: int, chunk_rows: int) -> list[slice]:
+    return [slice(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
+
+
+def _sq_norms(curv: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    out = torch.empty(curv.shape[0], dtype=torch.float32, device=curv.device)
+    for sl in _row_chunks(curv.shape[0], chunk_rows):
+        out[sl] = torch.linalg.vector_norm(curv[sl].float(), dim=1).square()
+    return out
+
+
+def _leading_directions(curv: torch.Tensor, rank: int, seed: int, sample_rows: int = 16384) -> torch.Tensor:
+    """An orthonormal [q, rank] basis of the leading right singular vectors of a seeded row sample of
+    ψ. It only tightens the bounds of the exact greedy; any orthonormal basis keeps the result exact."""
+    n, q = curv.shape
+    if rank == 0:
+        return torch.zeros(q, 0, dtype=torch.float32, device=curv.device)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n, generator=gen)[:sample_rows].sort().values.to(curv.device)
+    _, _, vh = torch.linalg.svd(curv[rows].float(), full_matrices=False)
+    return vh[:rank].T.contiguous()
+
+
+class _ExactTracker:
+    """Exact greedy gains of one objective with a shortlist and refresh bounds (module docstring)."""
+
+    def __init__(self, obj: Objective, selected: torch.Tensor, shortlist: int, basis_rank: int,
+                 chunk_rows: int, seed: int, threads: int):
+        self.obj, self.selected, self.chunk_rows, self.threads = obj, selected, chunk_rows, threads
+        self.m_short = max(1, shortlist)
+        n, q = obj.curv.shape
+        dev = obj.curv.device
+        self.sq = _sq_norms(obj.curv, chunk_rows)
+        self.cum = torch.zeros(q, dtype=torch.float32, device=dev)
+        self.coef = obj.coef
+        rank = min(basis_rank, q, n) if self.coef > 0 else 0
+        self.basis = _leading_directions(obj.curv, rank, seed)
+        self.z = torch.empty(n, self.basis.shape[1], dtype=torch.float32, device=dev)
+        for sl in _row_chunks(n, chunk_rows):
+            self.z[sl] = obj.curv[sl].float() @ self.basis
+        self.perp = (self.sq - (self.z * self.z).sum(dim=1)).clamp_min(0).sqrt()
+        self.psi_max = float(self.sq.max().sqrt()) if n else 0.0
+        self.refreshes = 0
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Exact gains of the whole pool at the current C; candidates sorted by them; the best
+        ``shortlist`` of them tracked exactly, the rest ("outside") bounded."""
+        torch.set_num_threads(self.threads)
+        self.refreshes += 1
+        o, n = self.obj, self.obj.scores.shape[0]
+        g = torch.empty(n, dtype=torch.float32, device=self.cum.device)
+        for sl in _row_chunks(n, self.chunk_rows):
+            g[sl] = marginal_gain(o.scores[sl], o.curv[sl].float(), self.cum, o.lam, o.scale, self.sq[sl])[0]
+        g[self.selected] = -math.inf
+        free = int((~self.selected).sum())
+        g_sorted, order = torch.sort(g, descending=True)
+        m = min(self.m_short, free)
+        self.short_idx = order[:m]
+        self.short_psi = o.curv[self.short_idx].float()
+        # the outside candidates in order of their refresh gain, with their bound terms alongside
+        self.out_order, self.out_g = order[m:free], g_sorted[m:free].contiguous()
+        self.out_neg_g = -self.out_g
+        self.out_z, self.out_perp = self.z[self.out_order], self.perp[self.out_order]
+        self.cum_ref = self.cum.clone()
+        self.outside = torch.zeros(n, dtype=torch.bool, device=g.device)
+        self.outside[self.out_order] = True
+        has_out = free > m
+        r = self.z.shape[1]
+        self.zmin_out = self.out_z.min(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
+        self.zmax_out = self.out_z.max(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
+        self.perp_max_out = float(self.out_perp.max()) if has_out else 0.0
+        torch.set_num_threads(1)
+
+    def add(self, index: int) -> None:
+        self.cum += self.obj.curv[index].float()
+        self.outside[index] = False
+
+    def best(self) -> tuple[int, float, float]:
+        """Exact argmax of the gain over unselected candidates: (index, gain, interaction part)."""
+        o = self.obj
+        while True:
+            idx = self.short_idx
+            g, inter = marginal_gain(o.scores[idx], self.short_psi, self.cum, o.lam, o.scale, self.sq[idx])
+            g = g.masked_fill(self.selected[idx], -math.inf)
+            j = int(torch.argmax(g))
+            b = float(g[j])
+            if not math.isfinite(b):
+                self._refresh()
+                continue
+            delta = self.cum - self.cum_ref
+            w = self.basis.T @ delta
+            d_perp = math.sqrt(max(float(delta @ delta) - float(w @ w), 0.0))
+            tol = 1e-5 * abs(b) + 1e-5 * self.coef * (self.psi_max ** 2 + self.psi_max * float(self.cum.norm()))
+            # max over outside c of (−z_cᵀw), coordinate by coordinate, + the ⊥ part: one slack for all
+            slack = self.coef * (float(torch.maximum(-w * self.zmin_out, -w * self.zmax_out).sum())
+                                 + self.perp_max_out * d_perp)
+            # outside candidates whose refresh gain plus that slack could still beat b: a prefix
+            prefix = int(torch.searchsorted(self.out_neg_g, -(b - tol - slack), right=True))
+            if prefix == 0:
+                return int(idx[j]), b, float(inter[j])
+            if prefix > len(self.out_order) // 4 + self.m_short:
+                self._refresh()
+                continue
+            bound = torch.addmv(self.out_g[:prefix], self.out_z[:prefix], w, alpha=-self.coef)
+            bound += (self.coef * d_perp) * self.out_perp[:prefix]
+            hit = (bound >= b - tol).nonzero().squeeze(1)
+            cand = self.out_order[hit]
+            cand = cand[self.outside[cand]]
+            if cand.numel() == 0:
+                return int(idx[j]), b, float(inter[j])
+            if cand.numel() > self.m_short or len(idx) + cand.numel() > 4 * self.m_short:
+                self._refresh()
+                continue
+            self.short_idx = torch.cat([idx, cand])
+            self.short_psi = torch.cat([self.short_psi, o.curv[cand].float()])
+            self.outside[cand] = False
+
+
+def _stochastic_best(obj: Objective, cum: torch.Tensor, sq: torch.Tensor, selected: torch.Tensor,
+                     sample: int, gen: torch.Generator) -> tuple[int, float, float]:
+    free = (~selected).nonzero().squeeze(1)
+    pick = free[torch.randint(len(free), (min(sample, len(free)),), generator=gen, device="cpu").to(free.device)]
+    pick = torch.unique(pick)
+    g, inter = marginal_gain(obj.scores[pick], obj.curv[pick].float(), cum, obj.lam, obj.scale, sq[pick])
+    j = int(torch.argmax(g))
+    return int(pick[j]), float(g[j]), float(inter[j])
+
+
+def greedy_select(
+    objectives: Sequence[Objective],
+    k: int,
+    kind: GreedyKind = "exact",
+    epsilon: float = 0.01,
+    shortlist: int = 1024,
+    basis_rank: int = 16,
+    chunk_rows: int = 65536,
+    seed: int = 0,
+    progress: bool = True,
+) -> GreedyResult:
+    """Choose k rows maximising the objective (one objective, or several served round-robin).
+
+    ``kind="exact"``: exact greedy with shortlist and refresh bounds; ``"stochastic"``: stochastic
+    greedy with ⌈(N/k)·ln(1/ε)⌉ candidates per step. Every step is logged at DEBUG level.
+    """
+    if not objectives:
+        raise ValueError("no objective given")
+    n = objectives[0].scores.shape[0]
+    if any(o.scores.shape[0] != n for o in objectives):
+        raise ValueError("all objectives must cover the same candidates")
+    if n == 0:
+        raise ValueError("empty pool: no candidates to select from")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the pool size {n}, got {k}")
+    for o in objectives:
+        if not bool(torch.isfinite(o.scores).all()):
+            raise ValueError(f"objective '{o.name}': scores contain NaN or inf")
+    dev = objectives[0].curv.device
+    selected = torch.zeros(n, dtype=torch.bool, device=dev)
+    threads = torch.get_num_threads()
+    try:
+        return _greedy_loop(objectives, k, kind, epsilon, shortlist, basis_rank, chunk_rows, seed, progress,
+                            selected, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy_loop(objectives: Sequence[Objective], k: int, kind: GreedyKind, epsilon: float, shortlist: int,
+                 basis_rank: int, chunk_rows: int, seed: int, progress: bool, selected: torch.Tensor,
+                 threads: int) -> GreedyResult:
+    """The step loop; per-step work is small, so it runs single-threaded (refreshes use all threads)."""
+    n, dev = selected.shape[0], selected.device
+    if kind == "exact":
+        trackers = [_ExactTracker(o, selected, shortlist, basis_rank, chunk_rows, seed, threads) for o in objectives]
+    elif kind == "stochastic":
+        if not 0 < epsilon < 1:
+            raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+        cums = [torch.zeros(o.curv.shape[1], dtype=torch.float32, device=dev) for o in objectives]
+        sqs = [_sq_norms(o.curv, chunk_rows) for o in objectives]
+        sample = math.ceil(n / k * math.log(1 / epsilon))
+        gen = torch.Generator().manual_seed(seed)
+        torch.set_num_threads(1)
+    else:
+        raise ValueError(f"unknown greedy kind '{kind}'")
+    steps: list[GreedyStep] = []
+    for rank in tqdm(range(k), desc=f"greedy ({kind})", disable=not progress, mininterval=1.0):
+        t = rank % len(objectives)
+        if kind == "exact":
+            index, gain, inter = trackers[t].best()
+        else:
+            index, gain, inter = _stochastic_best(objectives[t], cums[t], sqs[t], selected, sample, gen)
+        selected[index] = True
+        if kind == "exact":
+            for tr in trackers:
+                tr.add(index)
+        else:
+            for o, cum in zip(objectives, cums):
+                cum += o.curv[index].float()
+        step = GreedyStep(rank, index, gain, gain + inter, inter, objectives[t].name)
+        logger.debug("step %d: row %d (%s) gain %.6g = first-order %.6g − interaction %.6g",
+                     rank, index, step.task, gain, step.first_order, inter)
+        steps.append(step)
+    refreshes = sum(tr.refreshes for tr in trackers) if kind == "exact" else 0
+    logger.info("greedy (%s): %d steps, %d full refreshes", kind, k, refreshes)
+    return GreedyResult(steps, refreshes)

@@ -1,0 +1,199 @@
+"""The train-by-target influence matrix Φ from feature stores (METHOD.md §1-§3).
+
+    Φ = Σ_c η̄_c · normalize(Γ_pool^c) · normalize(G_target^c)ᵀ          [N, m]
+
+over warm-up checkpoints c with learning-rate weights η̄_c (normalised to sum 1): φ_{a,t} is the
+lr-weighted cosine of pool example a's update direction and target example t's gradient, the LESS
+score of one pair. Built in row chunks, never more than one chunk of pool features in memory.
+The identity (parameter-space) curvature uses the pool features themselves:
+u_a = concat_c √η̄_c · normalize(Γ_a^c), so ⟨u_a, u_b⟩ = Σ_c η̄_c cos(Γ_a^c, Γ_b^c).
+
+The core works on in-memory or memory-mapped arrays; ``open_checkpoints`` reads and checks stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from selection.features.store import FeatureStore, StoreMismatchError
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureError(ValueError):
+    """Unusable features: NaN or inf values, zero rows, missing rows, mismatched stores."""
+
+
+@dataclass
+class CheckpointFeatures:
+    """One checkpoint's pool features, target features and learning-rate weight.
+
+    ``pool`` and ``targets`` are [rows, d] arrays (memory maps are fine); ``pool_ids`` and
+    ``target_ids`` name their rows."""
+
+    pool: np.ndarray | torch.Tensor
+    pool_ids: list[str]
+    targets: np.ndarray | torch.Tensor
+    target_ids: list[str]
+    weight: float
+    name: str = "checkpoint"
+
+
+def normalized(block: np.ndarray | torch.Tensor, where: str, ids: Sequence[str], device: str | torch.device = "cpu"
+               ) -> torch.Tensor:
+    """Rows as float32 unit vectors; NaN/inf or all-zero rows are an error naming ``where`` and the id."""
+    x = torch.as_tensor(np.asarray(block, dtype=np.float32) if isinstance(block, np.ndarray) else block)
+    x = x.to(device=device, dtype=torch.float32)
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise FeatureError(f"{where}: row {i} (id '{ids[i]}') has NaN or inf features ({int(bad.sum())} such rows)")
+    norms = x.norm(dim=1, keepdim=True)
+    zero = norms.squeeze(1) == 0
+    if bool(zero.any()):
+        i = int(zero.nonzero()[0])
+        raise FeatureError(f"{where}: row {i} (id '{ids[i]}') is an all-zero feature vector")
+    return x / norms
+
+
+def _rows(ids: Sequence[str], wanted: Sequence[str], where: str) -> np.ndarray:
+    pos = {x: i for i, x in enumerate(ids)}
+    missing = [x for x in wanted if x not in pos]
+    if missing:
+        raise FeatureError(f"{where}: no features for {len(missing)} example(s), e.g. {missing[:3]}")
+    return np.fromiter((pos[x] for x in wanted), dtype=np.int64, count=len(wanted))
+
+
+def _check_weights(checkpoints: Sequence[CheckpointFeatures]) -> list[float]:
+    if not checkpoints:
+        raise FeatureError("no checkpoint features given")
+    w = [c.weight for c in checkpoints]
+    if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise FeatureError(f"learning-rate weights must be finite, ≥ 0 and not all 0, got {w}")
+    return [x / sum(w) for x in w]
+
+
+def influence_matrix(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequence[str], target_ids: Sequence[str],
+                     chunk_rows: int = 16384, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Φ [len(pool_ids), len(target_ids)] in the given row and column order (module docstring)."""
+    if not pool_ids:
+        raise FeatureError("empty pool: no candidate has features")
+    if not target_ids:
+        raise FeatureError("no target examples")
+    weights = _check_weights(checkpoints)
+    phi = torch.zeros(len(pool_ids), len(target_ids), dtype=torch.float32, device=device)
+    plan = []
+    for c, w in zip(checkpoints, weights):
+        if c.pool.shape[1] != c.targets.shape[1]:
+            raise FeatureError(f"{c.name}: pool features have dim {c.pool.shape[1]}, targets {c.targets.shape[1]}")
+        t_rows = _rows(c.target_ids, target_ids, f"{c.name} (targets)")
+        tgt = normalized(c.targets[t_rows], f"{c.name} (targets)", list(target_ids), device)
+        plan.append((c, w, _rows(c.pool_ids, pool_ids, f"{c.name} (pool)"), tgt))
+    for start in range(0, len(pool_ids), chunk_rows):
+        ids = list(pool_ids[start : start + chunk_rows])
+        for c, w, p_rows, tgt in plan:
+            block = normalized(c.pool[p_rows[start : start + chunk_rows]], f"{c.name} (pool)", ids, device)
+            phi[start : start + len(ids)] += w * (block @ tgt.T)
+    return phi
+
+
+def parameter_features(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequence[str],
+                       chunk_rows: int = 16384, device: str | torch.device = "cpu") -> torch.Tensor:
+    """u_a = concat_c √η̄_c · normalize(Γ_a^c), [len(pool_ids), Σ_c d_c] (identity curvature)."""
+    weights = _check_weights(checkpoints)
+    dims = [c.pool.shape[1] for c in checkpoints]
+    out = torch.empty(len(pool_ids), sum(dims), dtype=torch.float32, device=device)
+    col = 0
+    for c, w, d in zip(checkpoints, weights, dims):
+        rows = _rows(c.pool_ids, pool_ids, f"{c.name} (pool)")
+        for start in range(0, len(pool_ids), chunk_rows):
+            ids = list(pool_ids[start : start + chunk_rows])
+            out[start : start + len(ids), col : col + d] = math.sqrt(w) * normalized(
+                c.pool[rows[start : start + chunk_rows]], f"{c.name} (pool)", ids, device)
+        col += d
+    return out
+
+
+def group_columns(labels: Sequence[str]) -> tuple[list[int], dict[str, slice]]:
+    """A permutation that makes each label's positions contiguous (labels in first-seen order) and
+    each label's slice in the permuted order."""
+    groups: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(lab, []).append(i)
+    perm: list[int] = []
+    slices: dict[str, slice] = {}
+    for lab, idx in groups.items():
+        slices[lab] = slice(len(perm), len(perm) + len(idx))
+        perm += idx
+    return perm, slices
+
+
+# ---------------------------------------------------------------- stores
+
+
+def _lr_weights(pools: Sequence[FeatureStore]) -> list[float]:
+    """The checkpoints' learning-rate weights; a single store without one (no warm-up) weighs 1."""
+    weights = [p.meta.get("lr_weight") for p in pools]
+    if len(pools) == 1 and weights[0] is None:
+        return [1.0]
+    missing = [str(p.path) for p, w in zip(pools, weights) if w is None]
+    if missing:
+        raise FeatureError(f"{missing[0]}: meta.json has no lr_weight (the checkpoint's learning-rate weight), "
+                           "needed to combine several checkpoints")
+    return [float(w) for w in weights]
+
+
+def _checkpoint_key(store: FeatureStore) -> str:
+    return str(store.meta.get("adapter_hash") or store.meta.get("checkpoint") or "")
+
+
+def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str]) -> list[CheckpointFeatures]:
+    """Pair pool stores (one per checkpoint) with the target stores of the same checkpoint.
+
+    Several target stores of one checkpoint (e.g. one per target file) are stacked. Stores of another
+    model, template or projection raise ``StoreMismatchError``; a checkpoint without target features
+    raises ``FeatureError``.
+    """
+    if not pool_paths:
+        raise FeatureError("no pool feature store given (pool_stores)")
+    if not target_paths:
+        raise FeatureError("no target feature store given (target_stores): the targets have no features")
+    pools = [FeatureStore.open(p) for p in pool_paths]
+    targets = [FeatureStore.open(p) for p in target_paths]
+    for s in pools[1:]:
+        pools[0].check_compatible(s, same_dataset=True)
+        if s.ids != pools[0].ids:
+            raise StoreMismatchError(f"{pools[0].path} and {s.path}: pool stores list different example ids")
+    for s in targets:
+        pools[0].check_compatible(s, same_dataset=False)
+    by_key: dict[str, list[FeatureStore]] = {}
+    for s in targets:
+        by_key.setdefault(_checkpoint_key(s), []).append(s)
+    keys = [_checkpoint_key(p) for p in pools]
+    if len(set(keys)) != len(keys):
+        raise StoreMismatchError(f"several pool stores come from the same checkpoint: {list(pool_paths)}")
+    for s in pools:
+        if s.meta.get("feature", "adam") != "adam":
+            logger.warning("%s: pool features are '%s', LESS uses Adam update directions ('adam')", s.path, s.meta["feature"])
+    for s in targets:
+        if s.meta.get("feature", "grad") != "grad":
+            logger.warning("%s: target features are '%s', expected plain gradients ('grad')", s.path, s.meta["feature"])
+    out = []
+    for p, key, weight in zip(pools, keys, _lr_weights(pools)):
+        group = by_key.get(key) or []
+        if not group:
+            raise FeatureError(f"{p.path}: no target store from the same checkpoint (adapter_hash {key!r})")
+        feats = group[0].features if len(group) == 1 else np.concatenate([g.features for g in group])
+        ids = [i for g in group for i in g.ids]
+        out.append(CheckpointFeatures(p.features, p.ids, feats, ids, weight, str(p.path)))
+    unused = set(by_key) - set(keys)
+    if unused:
+        raise StoreMismatchError(f"target stores from checkpoints without a pool store: adapter_hash {sorted(unused)}")
+    logger.info("%d checkpoint(s), lr weights %s", len(out), [round(c.weight, 4) for c in out])
+    return out

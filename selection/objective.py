@@ -1,0 +1,108 @@
+"""Per-task interaction-aware objectives, the default λ and the sum / round-robin combination.
+
+Default λ (a derivation, METHOD.md §2 leaves λ open). Let T_k be the first-order top-k set of a task,
+S_k = Σ_{a∈T_k} s_a its first-order value and Q_k = Σ_{a,b∈T_k} κ(a, b) its interaction mass. Along the
+ray "t copies of T_k's total effect", J(t·T_k) = t·S_k − (λ/2)·t²·Q_k is maximal at t = S_k / (λ·Q_k).
+The default puts that maximum at t = 1:
+
+    λ = S_k / Q_k        (times ``lam_factor``)
+
+i.e. the first-order top-k set sits exactly at saturation: scaling its effect up would no longer pay.
+In the empirical-Fisher form, with C_t the top-k set's cumulative influence on target t,
+S_k = mean_t C_t and Q_k = mean_t C_t², so the saturation level of every target is
+1/λ = mean_t C_t² / mean_t C_t, the typical top-k cumulative influence (exactly C when all C_t = C).
+On T_k itself the interaction term then costs half of the first-order value (J(T_k) = S_k / 2), and
+greedy trades redundant picks on saturated targets for coverage of the others. The rule needs
+S_k > 0 and Q_k > 0; otherwise λ must be given.
+
+Multi-task: one objective per task (its own s^τ, ψ^τ, κ scale and λ_τ). ``sum`` maximises Σ_τ J_τ,
+which is a single objective over the features concatenated with weights √(λ_τ·scale_τ) (done in place
+on column blocks, no copy); ``round-robin`` serves the tasks in turn (``selection.greedy``).
+For the λ rule, k_τ = k under ``sum`` (every pick counts for every task) and ⌈k / T⌉ under
+round-robin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from selection.estimators import quadratic_part
+from selection.greedy import Objective
+
+Combine = Literal["sum", "round-robin"]
+
+
+@dataclass(frozen=True)
+class TaskTerms:
+    """One target task's pieces of the objective."""
+
+    name: str
+    scores: torch.Tensor
+    """s^τ_c = mean influence of candidate c over the task's target examples, [N]."""
+    columns: slice | None
+    """The task's curvature features are ``curv[:, columns]``; None: all columns (shared ψ)."""
+    scale: float | None
+    """κ^τ(a, b) = scale·⟨ψ_a, ψ_b⟩; None: 1 / (number of columns), the empirical Fisher."""
+
+
+def default_lambda(scores: torch.Tensor, curv: torch.Tensor, k: int, scale: float | None,
+                   chunk_rows: int = 8192) -> float:
+    """λ = S_k / Q_k of the first-order top-k set (module docstring)."""
+    top = torch.topk(scores, min(k, scores.shape[0])).indices
+    s_k = float(scores[top].sum())
+    cum = torch.zeros(curv.shape[1], dtype=torch.float32, device=curv.device)
+    for i in range(0, len(top), chunk_rows):
+        cum += curv[top[i : i + chunk_rows]].float().sum(dim=0)
+    q_k = 2.0 * quadratic_part(cum, scale)
+    if not (s_k > 0 and q_k > 0):
+        raise ValueError(
+            f"default λ undefined: the first-order top-{k} set has first-order value {s_k:.4g} and "
+            f"interaction mass {q_k:.4g} (both must be > 0); set lam explicitly")
+    return s_k / q_k
+
+
+def build_objectives(
+    tasks: Sequence[TaskTerms],
+    curv: torch.Tensor,
+    k: int,
+    combine: Combine = "sum",
+    lam: float | None = None,
+    lam_factor: float = 1.0,
+) -> tuple[list[Objective], dict[str, float]]:
+    """Objectives for ``greedy_select`` and the λ used per task.
+
+    ``lam=None`` applies the default rule per task (times ``lam_factor``). Under ``sum`` with
+    several tasks, ``curv`` is rescaled in place (it belongs to the caller's selection run).
+    """
+    if not tasks:
+        raise ValueError("no target task")
+    k_task = k if combine == "sum" else math.ceil(k / len(tasks))
+    lams: dict[str, float] = {}
+    parts: list[Objective] = []
+    for t in tasks:
+        view = curv if t.columns is None else curv[:, t.columns]
+        if view.shape[1] == 0:
+            raise ValueError(f"task '{t.name}' has no target features")
+        lam_t = lam if lam is not None else lam_factor * default_lambda(t.scores, view, k_task, t.scale)
+        lams[t.name] = lam_t
+        parts.append(Objective(t.scores, view, lam_t, t.scale, t.name))
+    if combine == "round-robin" or len(parts) == 1:
+        return parts, lams
+    if combine != "sum":
+        raise ValueError(f"unknown combine '{combine}' (sum or round-robin)")
+    total = torch.stack([p.scores for p in parts]).sum(dim=0)
+    coefs = [p.coef for p in parts]
+    if all(c == 0 for c in coefs):
+        return [Objective(total, curv, 0.0, None, "sum")], lams
+    if all(t.columns is None for t in tasks):
+        curv.mul_(math.sqrt(sum(coefs)))
+    else:
+        if any(t.columns is None for t in tasks):
+            raise ValueError("sum of tasks needs either one shared ψ or disjoint column blocks per task")
+        for t, c in zip(tasks, coefs):
+            curv[:, t.columns] *= math.sqrt(c)
+    return [Objective(total, curv, 1.0, 1.0, "sum")], lams

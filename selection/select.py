@@ -1,0 +1,327 @@
+"""``iaif select``: choose k examples of a pool (interaction-aware greedy or a baseline) and write
+``selected.jsonl`` (each original record unchanged plus ``_iaif``) and ``summary.json``.
+
+Methods: ``interaction`` (greedy on J(A) = Σ s − (λ/2) Σ κ, ``selection.objective``),
+``first-order`` (the same selector with λ = 0: top-k by individual influence), ``less`` (mean over
+each (task, subtask) group of target examples, max over all groups, top-k), ``random``, ``rds``
+(base-model hidden states), ``embed`` (sentence-transformers). Subtask: the target record's
+``subtask`` or ``meta.subtask`` field, else its task.
+Curvature ``identity`` holds N × (checkpoints · d) features in memory: meant for small d.
+Outputs are written to temporary names and renamed at the end: a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from selection.influence import (CheckpointFeatures, group_columns, influence_matrix, open_checkpoints,
+                                 parameter_features)
+from selection.objective import Combine, TaskTerms, build_objectives
+from training.data import DataConfig, Example, Template, load_examples
+from training.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["interaction", "first-order", "less", "random", "rds", "embed"]
+Curvature = Literal["ef", "gn", "identity"]
+SELECTED_FILE = "selected.jsonl"
+SUMMARY_FILE = "summary.json"
+META_FIELD = "_iaif"
+
+
+@dataclass
+class SelectConfig:
+    """Settings of `iaif select`."""
+
+    method: Method = "interaction"
+    """interaction | first-order | less | random | rds | embed."""
+    pool: DataConfig = field(default_factory=DataConfig)
+    """The candidate pool (its ids match the pool feature stores' rows)."""
+    targets: list[str] = field(default_factory=list)
+    """Target data files (task of each example: its `task` field, else the file stem)."""
+    output_dir: str = "runs/select"
+    """Folder for selected.jsonl, summary.json, config.yaml, run_info.json."""
+    k: int | None = None
+    """Number of examples to select (give k or fraction)."""
+    fraction: float | None = None
+    """Share of the pool to select, e.g. 0.05 (rounded up)."""
+    pool_stores: list[str] = field(default_factory=list)
+    """Pool feature stores (Adam features), one per warm-up checkpoint."""
+    target_stores: list[str] = field(default_factory=list)
+    """Target feature stores (gradients), one or more per checkpoint (paired by adapter hash)."""
+    sampled_target_stores: list[str] = field(default_factory=list)
+    """Sampled-label target stores for curvature=gn; row ids are '<target id>' or '<target id>#<r>'."""
+    curvature: Curvature = "ef"
+    """Target curvature: ef (empirical Fisher over target features), gn (sampled-label Gauss-Newton),
+    identity (identity in feature space: κ = Σ_c η̄_c cos(Γ_a, Γ_b))."""
+    lam: float | None = None
+    """Trade-off weight λ; None: per task λ = S_k/Q_k of the first-order top-k set (selection.objective)."""
+    lam_factor: float = 1.0
+    """Multiplier of the default λ (ignored when lam is given)."""
+    combine: Combine = "sum"
+    """Multi-task: maximise the sum of per-task objectives, or serve tasks round-robin."""
+    greedy: Literal["exact", "stochastic"] = "exact"
+    """Exact greedy, or stochastic greedy with (N/k)·ln(1/epsilon) candidates per step."""
+    epsilon: float = 0.01
+    """Stochastic greedy's ε."""
+    shortlist: int = 1024
+    """Exact greedy: candidates tracked exactly between full passes (speed only, same result)."""
+    balance: Literal["none", "source", "task"] = "none"
+    """random: equal counts per source file or per task."""
+    similarity: Literal["max", "round-robin"] = "max"
+    """rds / embed: max over target examples, or round-robin over them."""
+    model: str = ""
+    """rds: the base model (Hub id or local folder)."""
+    embedder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """embed: sentence-transformers model name or local folder."""
+    template: Template = "tulu"
+    """rds: prompt template used to render examples."""
+    max_length: int = 2048
+    """rds / embed: truncation length in tokens."""
+    batch_size: int = 16
+    """rds / embed: examples per forward pass."""
+    device: str = "cpu"
+    """cpu or cuda[:i] for Φ, the selector and the embedders."""
+    chunk_rows: int = 16384
+    """Rows per chunk when reading features and recomputing gains."""
+    seed: int = 0
+    """Seed of random selection, stochastic greedy and the selector's bound basis."""
+
+
+@dataclass
+class Selection:
+    """Chosen candidates (indices into the candidate list) with per-rank metadata."""
+
+    indices: list[int]
+    score: list[float | None]
+    first_order: list[float | None]
+    interaction: list[float | None]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_k(k: int | None, fraction: float | None, n: int) -> int:
+    """The number to select from k or fraction; errors when it does not fit the pool."""
+    if n == 0:
+        raise ValueError("empty pool: nothing to select")
+    if (k is None) == (fraction is None):
+        raise ValueError("give exactly one of k and fraction")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        k = math.ceil(fraction * n)
+    assert k is not None
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} does not fit a pool of {n} candidates")
+    return k
+
+
+def _subtask(ex: Example) -> str:
+    meta = ex.record.get("meta")
+    sub = ex.record.get("subtask") or (meta.get("subtask") if isinstance(meta, dict) else None)
+    return f"{ex.task}/{sub}" if sub else ex.task
+
+
+def load_targets(paths: Sequence[str]) -> list[Example]:
+    """All target examples of the given files, ids unique across files."""
+    if not paths:
+        raise ValueError("no target data given (targets)")
+    examples = [e for p in paths for e in load_examples(DataConfig(path=p))]
+    dup = [i for i, c in Counter(e.id for e in examples).items() if c > 1]
+    if dup:
+        raise ValueError(f"target ids repeat across files: {dup[:3]}")
+    return examples
+
+
+# ---------------------------------------------------------------- feature-based methods
+
+
+def _sampled_curvature(cfg: SelectConfig, cand_ids: list[str], task_of: dict[str, str]
+                       ) -> tuple[torch.Tensor, dict[str, slice]]:
+    ckpts = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores)
+    ids = ckpts[0].target_ids
+    labels = []
+    for sid in ids:
+        base = sid.rsplit("#", 1)[0] if sid not in task_of else sid
+        if base not in task_of:
+            raise ValueError(f"sampled-label store row '{sid}' matches no target example")
+        labels.append(task_of[base])
+    perm, cols = group_columns(labels)
+    curv = influence_matrix(ckpts, cand_ids, [ids[i] for i in perm], cfg.chunk_rows, cfg.device)
+    return curv, cols
+
+
+def _feature_select(cfg: SelectConfig, k: int, ckpts: list[CheckpointFeatures], cand_ids: list[str],
+                    targets: list[Example]) -> Selection:
+    from selection.baselines.less import less_select
+    from selection.greedy import greedy_select
+
+    perm, task_cols = group_columns([t.task for t in targets])
+    ordered = [targets[i] for i in perm]
+    phi = influence_matrix(ckpts, cand_ids, [t.id for t in ordered], cfg.chunk_rows, cfg.device)
+    if cfg.method == "less":
+        sub_idx: dict[str, list[int]] = {}
+        for col, t in enumerate(ordered):
+            sub_idx.setdefault(_subtask(t), []).append(col)
+        idx, scores = less_select(phi, sub_idx, k)
+        vals = scores.tolist()
+        return Selection(idx, vals, vals, [None] * k, {"subtasks": len(sub_idx)})
+    terms_scores = {name: phi[:, cols].mean(dim=1) for name, cols in task_cols.items()}
+    if cfg.curvature == "ef":
+        curv, cols, scale = phi, task_cols, None
+    elif cfg.curvature == "gn":
+        if not cfg.sampled_target_stores:
+            raise ValueError("curvature=gn needs sampled_target_stores")
+        del phi
+        curv, cols, scale = *_sampled_curvature(cfg, cand_ids, {t.id: t.task for t in targets}), None
+    elif cfg.curvature == "identity":
+        del phi
+        curv, cols, scale = parameter_features(ckpts, cand_ids, cfg.chunk_rows, cfg.device), None, 1.0
+    else:
+        raise ValueError(f"unknown curvature '{cfg.curvature}'")
+    tasks = [TaskTerms(name, s, None if cols is None else cols[name], scale) for name, s in terms_scores.items()]
+    lam = 0.0 if cfg.method == "first-order" else cfg.lam
+    objectives, lams = build_objectives(tasks, curv, k, cfg.combine, lam, cfg.lam_factor)
+    start = time.perf_counter()
+    result = greedy_select(objectives, k, cfg.greedy, cfg.epsilon, cfg.shortlist, chunk_rows=cfg.chunk_rows,
+                           seed=cfg.seed)
+    idx = result.indices
+    value = sum(o.value(idx) for o in objectives)
+    info = {"lambda": lams, "objective": value, "greedy_seconds": round(time.perf_counter() - start, 3),
+            "full_refreshes": result.refreshes, "tasks": {n: s.stop - s.start for n, s in task_cols.items()}}
+    return Selection(idx, [s.gain for s in result.steps], [s.first_order for s in result.steps],
+                     [s.interaction for s in result.steps], info)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _normalised_content(ex: Example) -> str:
+    return " ".join(" ".join(m.content for m in ex.messages).lower().split())
+
+
+def duplicate_rate(chosen: Sequence[Example]) -> float:
+    """Share of chosen examples whose normalised content equals another chosen one's, or whose
+    ``meta.cluster`` (when not null) is shared with another chosen one."""
+    if not chosen:
+        return 0.0
+    content = Counter(_normalised_content(e) for e in chosen)
+
+    def cluster(e: Example) -> Any:
+        meta = e.record.get("meta")
+        return meta.get("cluster") if isinstance(meta, dict) else None
+
+    clusters = Counter(c for c in map(cluster, chosen) if c is not None)
+    dup = sum(1 for e in chosen if content[_normalised_content(e)] > 1 or clusters.get(cluster(e), 0) > 1)
+    return dup / len(chosen)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example], sel: Selection,
+                    summary_extra: dict[str, Any]) -> Path:
+    """selected.jsonl + summary.json + config/run info, each written to a temporary name and renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [candidates[i] for i in sel.indices]
+    tmp_sel = _tmp(out / SELECTED_FILE)
+    with open(tmp_sel, "w", encoding="utf-8") as fh:
+        for rank, ex in enumerate(chosen):
+            meta = {"rank": rank, "method": cfg.method, "score": sel.score[rank], "first_order": sel.first_order[rank],
+                    "interaction": sel.interaction[rank], "id": ex.id, "source": ex.source, "line": ex.line,
+                    "task": ex.task}
+            fh.write(json.dumps({**ex.record, META_FIELD: meta}, ensure_ascii=False) + "\n")
+    summary = {
+        "method": cfg.method, "k": len(chosen), "pool_size": len(candidates),
+        "counts_per_source": dict(Counter(e.source for e in chosen)),
+        "counts_per_task": dict(Counter(e.task for e in chosen)),
+        "objective": sel.info.get("objective"), "duplicate_rate": duplicate_rate(chosen),
+        **sel.info, **summary_extra, "config": config_to_dict(cfg),
+    }
+    tmp_sum = _tmp(out / SUMMARY_FILE)
+    tmp_sum.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    staging = out / f".run-{os.getpid()}"
+    write_run_info(staging, cfg, "select")
+    for name in (CONFIG_FILE, RUN_INFO_FILE):
+        os.replace(staging / name, out / name)
+    staging.rmdir()
+    os.replace(tmp_sum, out / SUMMARY_FILE)
+    os.replace(tmp_sel, out / SELECTED_FILE)
+    return out
+
+
+def run_select(cfg: SelectConfig) -> Path:
+    """Run one selection method and write its outputs (module docstring)."""
+    pool = load_examples(cfg.pool)
+    extra: dict[str, Any] = {}
+    if cfg.method in ("interaction", "first-order", "less"):
+        targets = load_targets(cfg.targets)
+        ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
+        have = set(ckpts[0].pool_ids)
+        candidates = [e for e in pool if e.id in have]
+        missing = len(pool) - len(candidates)
+        if missing:
+            logger.warning("%d pool example(s) have no features (e.g. no answer tokens) and are not candidates", missing)
+        extra["pool_without_features"] = missing
+        k = resolve_k(cfg.k, cfg.fraction, len(candidates))
+        sel = _feature_select(cfg, k, ckpts, [e.id for e in candidates], targets)
+    elif cfg.method == "random":
+        from selection.baselines.random_subset import random_select
+
+        candidates = pool
+        k = resolve_k(cfg.k, cfg.fraction, len(pool))
+        groups = None if cfg.balance == "none" else [e.source if cfg.balance == "source" else e.task for e in pool]
+        idx = random_select(len(pool), k, cfg.seed, groups)
+        sel = Selection(idx, [None] * k, [None] * k, [None] * k)
+    elif cfg.method in ("rds", "embed"):
+        from selection.baselines.similarity import similarity_select
+
+        candidates = pool
+        k = resolve_k(cfg.k, cfg.fraction, len(pool))
+        targets = load_targets(cfg.targets)
+        if cfg.method == "rds":
+            from selection.baselines.rds import rds_embeddings
+
+            embed = lambda xs: rds_embeddings(xs, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)  # noqa: E731
+        else:
+            from selection.baselines.embed import sentence_embeddings
+
+            embed = lambda xs: sentence_embeddings(xs, cfg.embedder, cfg.batch_size, cfg.device, cfg.max_length)  # noqa: E731
+        idx, scores = similarity_select(embed(pool), embed(targets), k, cfg.similarity)
+        sel = Selection(idx, scores, scores, [None] * k)
+    else:
+        raise ValueError(f"unknown method '{cfg.method}'")
+    out = write_selection(Path(cfg.output_dir), cfg, candidates, sel, extra)
+    logger.info("selected %d of %d with %s -> %s", len(sel.indices), len(candidates), cfg.method, out / SELECTED_FILE)
+    return out
+
+
+def selected_ids(path: str | Path) -> list[str]:
+    """Ids from a file of pool ids: one per line, or JSONL records with ``_iaif.id`` or ``id``."""
+    ids = []
+    for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        raw = raw.strip()
+        if not raw:
+            continue
+        if raw.startswith("{"):
+            rec = json.loads(raw)
+            ident = (rec.get(META_FIELD) or {}).get("id", rec.get("id"))
+            if ident is None:
+                raise ValueError(f"{path}:{lineno}: record has neither '_iaif.id' nor 'id'")
+            ids.append(str(ident))
+        else:
+            ids.append(raw)
+    if not ids:
+        raise ValueError(f"{path}: no ids")
+    return ids
+

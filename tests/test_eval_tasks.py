@@ -1,0 +1,79 @@
+"""Offline lm-eval task builders: every local benchmark converts and loads in lm-eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evaluation.tasks import BENCHMARKS, build_tasks
+from training.data import DataError
+
+
+def _load(built):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(built.include_path), include_defaults=False)
+    return tm.load([e.lm_eval_name for e in built.entries])
+
+
+def _write_demo(root: Path, rows: list[dict]) -> Path:
+    (root / "targets" / "add").mkdir(parents=True)
+    with open(root / "targets" / "add" / "test.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return root / "targets"
+
+
+def test_every_benchmark_builds_and_loads(shared_data, tmp_path):
+    built = build_tasks(tmp_path, list(BENCHMARKS), data_dir=shared_data, max_subtasks=2)
+    loaded = _load(built)
+    assert {e.name for e in built.entries} == set(BENCHMARKS)
+    shots = {e.name: e.num_fewshot for e in built.entries}
+    assert shots["mmlu"] == 5 and shots["bbh"] == 3 and shots["tydiqa"] == 1
+    mmlu = next(e for e in built.entries if e.name == "mmlu")
+    assert mmlu.subtasks == ["iaif_mmlu_abstract_algebra", "iaif_mmlu_anatomy"]
+    assert loaded  # lm-eval parsed every YAML and its data files
+
+
+def test_converted_records_match_the_source_files(shared_data, tmp_path):
+    built = build_tasks(tmp_path, ["mmlu", "piqa", "bbh"], data_dir=shared_data, max_subtasks=1)
+    mmlu = [json.loads(x) for x in open(tmp_path / "iaif_mmlu" / "iaif_mmlu_abstract_algebra.test.jsonl")]
+    assert len(mmlu) == 100
+    first = (shared_data / "mmlu" / "test" / "abstract_algebra_test.csv").read_text().splitlines()[1]
+    assert mmlu[0]["question"] in first and str(mmlu[0]["answer"]) == first.rsplit(",", 1)[1]
+    shots = [json.loads(x) for x in open(tmp_path / "iaif_mmlu" / "iaif_mmlu_abstract_algebra.fewshot.jsonl")]
+    assert len(shots) == 5
+    labels = (shared_data / "piqa" / "valid-labels.lst").read_text().split()
+    piqa = [json.loads(x) for x in open(tmp_path / "iaif_piqa" / "iaif_piqa.test.jsonl")]
+    assert [str(r["gold"]) for r in piqa] == labels
+    bbh = [json.loads(x) for x in open(tmp_path / "iaif_bbh" / "iaif_bbh_boolean_expressions.fewshot.jsonl")]
+    assert len(bbh) == 3 and all("So the answer is" in r["target"] for r in bbh)
+    assert built.entries[0].num_examples == 100
+
+
+def test_demo_target_task_from_records(tmp_path):
+    rows = [{"id": f"a{i}", "task": "add", "answer": str(i + 1),
+             "messages": [{"role": "user", "content": f"Add {i} and 1."}, {"role": "assistant", "content": str(i + 1)}]}
+            for i in range(4)]
+    built = build_tasks(tmp_path / "tasks", demo_targets=_write_demo(tmp_path, rows))
+    (entry,) = built.entries
+    assert (entry.name, entry.lm_eval_name, entry.metric) == ("demo/add", "iaif_demo_add", "exact_match,none")
+    assert _load(built)
+    written = [json.loads(x) for x in open(tmp_path / "tasks" / "iaif_demo_add" / "iaif_demo_add.test.jsonl")]
+    assert written == [{"id": r["id"], "prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in rows]
+
+
+def test_bad_demo_record_names_file_line_field(tmp_path):
+    rows = [{"id": "a", "task": "add", "answer": "1", "messages": [{"role": "user", "content": "q"}]},
+            {"id": "b", "task": "add", "messages": [{"role": "user", "content": "q"}]}]
+    with pytest.raises(DataError, match=r"test\.jsonl:2: field 'answer'"):
+        build_tasks(tmp_path / "tasks", demo_targets=_write_demo(tmp_path, rows))
+
+
+def test_unknown_benchmark_and_missing_data(tmp_path):
+    with pytest.raises(ValueError, match="unknown local benchmark"):
+        build_tasks(tmp_path, ["nope"])
+    with pytest.raises(DataError, match="not found"):
+        build_tasks(tmp_path, ["gsm8k"], data_dir=tmp_path / "absent")

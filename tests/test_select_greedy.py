@@ -1,0 +1,175 @@
+"""The selector against independent computation: brute-force greedy on J from scratch, explicit
+quadratic forms, duplicates, λ = 0, multi-task sum and round-robin."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from selection.estimators import pairwise_kappa, selection_objective
+from selection.greedy import Objective, greedy_select
+from selection.objective import TaskTerms, build_objectives, default_lambda
+
+
+def _phi(n: int = 120, m: int = 10, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 0.3 * torch.randn(n, m, generator=g) + 0.15
+
+
+def _brute_force_greedy(score_fns, n: int, k: int) -> list[tuple[int, float]]:
+    """Greedy on J computed from scratch: score_fns[t](A) is task t's J(A); step i serves task i mod T."""
+    chosen: list[int] = []
+    out = []
+    for step in range(k):
+        J = score_fns[step % len(score_fns)]
+        base = J(chosen)
+        gains = {c: J(chosen + [c]) - base for c in range(n) if c not in chosen}
+        best = max(gains, key=gains.get)
+        chosen.append(best)
+        out.append((best, gains[best]))
+    return out
+
+
+def _ef_J(phi: torch.Tensor, lam: float, scores: torch.Tensor | None = None):
+    def J(A: list[int]) -> float:
+        return 0.0 if not A else selection_objective(phi[A], lam, None if scores is None else scores[A])
+    return J
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7, 4.0])
+@pytest.mark.parametrize("shortlist", [3, 1024])
+def test_every_gain_equals_objective_difference_from_scratch(lam, shortlist):
+    phi = _phi()
+    result = greedy_select([Objective(phi.mean(dim=1), phi, lam)], 25, shortlist=shortlist, basis_rank=3,
+                           progress=False)
+    expected = _brute_force_greedy([_ef_J(phi, lam)], phi.shape[0], 25)
+    assert result.indices == [c for c, _ in expected]
+    for step, (_, gain) in zip(result.steps, expected):
+        assert step.gain == pytest.approx(gain, abs=1e-5)
+        assert step.first_order - step.interaction == pytest.approx(step.gain, abs=1e-6)
+        assert step.first_order == pytest.approx(float(phi[step.index].mean()), abs=1e-6)
+    assert sum(s.gain for s in result.steps) == pytest.approx(_ef_J(phi, lam)(result.indices), abs=1e-4)
+
+
+def test_ef_kappa_equals_explicit_quadratic_form():
+    g = torch.Generator().manual_seed(1)
+    p, m = 7, 5
+    u = torch.randn(4, p, generator=g, dtype=torch.float64)  # displacements u_a
+    grads = torch.randn(m, p, generator=g, dtype=torch.float64)  # target gradients g_t
+    h_f = grads.T @ grads / m  # empirical Fisher over the targets
+    phi = u @ grads.T  # φ_{a,t} = g_tᵀ u_a
+    explicit = u @ h_f @ u.T
+    assert torch.allclose(pairwise_kappa(phi, phi), explicit)
+    group = [0, 2, 3]
+    half_sum = 0.5 * explicit[group][:, group].sum()
+    j = selection_objective(phi[group], 2.0)
+    assert j == pytest.approx(float(phi[group].mean(dim=1).sum() - 2.0 * half_sum))
+
+
+def test_identity_scale_is_the_parameter_form():
+    u = _phi(30, 6, seed=2)
+    s = torch.linspace(0.2, 0.5, 30)
+    result = greedy_select([Objective(s, u, 0.3, scale=1.0)], 8, shortlist=2, progress=False)
+
+    def J(A):
+        return 0.0 if not A else float(s[A].sum() - 0.15 * (u[A].sum(0) @ u[A].sum(0)))
+
+    expected = _brute_force_greedy([J], 30, 8)
+    assert result.indices == [c for c, _ in expected]
+    assert [st.gain for st in result.steps] == pytest.approx([gn for _, gn in expected], abs=1e-5)
+
+
+def test_duplicates_interaction_picks_fewer_than_first_order():
+    g = torch.Generator().manual_seed(3)
+    m = 12
+    base = 0.2 * torch.randn(60, m, generator=g) + 0.1
+    star = base[0] + 0.6 * torch.rand(m, generator=g)  # one very helpful example ...
+    phi = torch.cat([star.repeat(8, 1), base])  # ... present 8 times
+    k = 10
+    scores = phi.mean(dim=1)
+    top_k = torch.topk(scores, k).indices.tolist()
+    first = greedy_select([Objective(scores, phi, 0.0)], k, shortlist=4, progress=False)
+    assert first.indices == top_k  # λ = 0 reproduces first-order top-k exactly, in order
+    lam = default_lambda(scores, phi, k, None)
+    inter = greedy_select([Objective(scores, phi, lam)], k, shortlist=4, progress=False)
+    dups = lambda idx: sum(1 for i in idx if i < 8)  # noqa: E731
+    assert dups(first.indices) == 8
+    assert dups(inter.indices) < dups(first.indices)
+
+
+def test_default_lambda_puts_top_k_at_saturation():
+    phi = _phi(80, 9, seed=4)
+    scores = phi.mean(dim=1)
+    k = 10
+    lam = default_lambda(scores, phi, k, None)
+    top = torch.topk(scores, k).indices
+    s_k = float(scores[top].sum())
+    assert selection_objective(phi[top], lam) == pytest.approx(s_k / 2, rel=1e-5)
+    # d/dt J(t·T_k) = 0 at t = 1
+    cum = phi[top].sum(0)
+    assert s_k - lam * float(cum @ cum) / phi.shape[1] == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ValueError, match="set lam explicitly"):
+        default_lambda(-scores.abs(), phi, k, None)
+
+
+def _two_tasks():
+    phi = _phi(70, 10, seed=5)
+    cols = {"a": slice(0, 4), "b": slice(4, 10)}
+    return phi, cols
+
+
+def test_multitask_sum_equals_sum_of_task_objectives():
+    phi, cols = _two_tasks()
+    tasks = [TaskTerms(t, phi[:, c].mean(dim=1), c, None) for t, c in cols.items()]
+    objs, lams = build_objectives(tasks, phi.clone(), 12, "sum", None, 1.0)
+    assert len(objs) == 1 and lams["a"] != lams["b"]  # default λ per task, k_τ = k
+    assert lams["b"] == pytest.approx(default_lambda(tasks[1].scores, phi[:, cols["b"]], 12, None))
+    total = lambda A: sum(_ef_J(phi[:, c], lams[t])(A) for t, c in cols.items())  # noqa: E731
+    result = greedy_select(objs, 12, shortlist=3, progress=False)
+    expected = _brute_force_greedy([total], 70, 12)
+    assert result.indices == [c for c, _ in expected]
+    assert [s.gain for s in result.steps] == pytest.approx([g for _, g in expected], abs=1e-5)
+    assert objs[0].value(result.indices) == pytest.approx(total(result.indices), abs=1e-5)
+
+
+def test_multitask_round_robin_serves_tasks_in_turn():
+    phi, cols = _two_tasks()
+    tasks = [TaskTerms(t, phi[:, c].mean(dim=1), c, None) for t, c in cols.items()]
+    objs, lams = build_objectives(tasks, phi, 9, "round-robin", None, 1.0)
+    assert [o.name for o in objs] == ["a", "b"]
+    # λ rule under round-robin uses k_τ = ceil(k / T)
+    assert lams["a"] == pytest.approx(default_lambda(tasks[0].scores, phi[:, cols["a"]], math.ceil(9 / 2), None))
+    result = greedy_select(objs, 9, shortlist=2, progress=False)
+    fns = [_ef_J(phi[:, cols[t]], lams[t]) for t in ("a", "b")]
+    expected = _brute_force_greedy(fns, 70, 9)
+    assert result.indices == [c for c, _ in expected]
+    assert [s.task for s in result.steps] == ["a", "b"] * 4 + ["a"]
+    assert [s.gain for s in result.steps] == pytest.approx([g for _, g in expected], abs=1e-5)
+
+
+def test_stochastic_greedy_gains_are_exact_and_seeded():
+    phi = _phi(200, 8, seed=6)
+    obj = Objective(phi.mean(dim=1), phi, 1.0)
+    a = greedy_select([obj], 15, kind="stochastic", epsilon=0.05, seed=3, progress=False)
+    b = greedy_select([obj], 15, kind="stochastic", epsilon=0.05, seed=3, progress=False)
+    assert a.indices == b.indices and len(set(a.indices)) == 15
+    J = _ef_J(phi, 1.0)
+    for i, step in enumerate(a.steps):
+        assert step.gain == pytest.approx(J(a.indices[: i + 1]) - J(a.indices[:i]), abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 11])
+def test_bad_k(k):
+    phi = _phi(10, 3)
+    with pytest.raises(ValueError, match="k must be between 1 and the pool size 10"):
+        greedy_select([Objective(phi.mean(1), phi, 1.0)], k, progress=False)
+
+
+def test_nan_scores_rejected():
+    phi = _phi(10, 3)
+    s = phi.mean(1)
+    s[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        greedy_select([Objective(s, phi, 1.0)], 2, progress=False)

@@ -1,0 +1,86 @@
+"""The tiny offline base model: loads with from_pretrained, deterministic for a seed, cached."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from training.tiny_model import MARKER_FILE, TinyModelConfig, build_tiny_model
+
+
+def test_loads_with_from_pretrained(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert model.config.model_type == "llama"
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
+    for special in ("<|system|>", "<|user|>", "<|assistant|>"):
+        assert tok.convert_tokens_to_ids(special) != tok.unk_token_id
+        assert tok.tokenize(f"a {special} b").count(special) == 1  # never split
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    for name in ("config.yaml", "run_info.json", MARKER_FILE):
+        assert (tiny_model_dir / name).is_file()
+
+    ids = tok("Which is smaller, 3 or 4?", return_tensors="pt")
+    assert ids["input_ids"][0, 0].item() == tok.bos_token_id
+    with torch.no_grad():
+        logits = model(**ids).logits
+    assert logits.shape == (1, ids["input_ids"].shape[1], len(tok)) and torch.isfinite(logits).all()
+
+
+def test_chat_template_is_tulu(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}]
+    assert tok.apply_chat_template(conv, tokenize=False) == (
+        "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello</s>\n<|user|>\n2+2?\n<|assistant|>\n4</s>"
+    )
+    assert tok.apply_chat_template(conv[:2], tokenize=False, add_generation_prompt=True) == (
+        "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+    )
+
+
+def test_same_seed_same_weights_and_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = TinyModelConfig.for_tests(output_dir=str(tmp_path / "again"))
+    again = build_tiny_model(cfg)
+    first = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    second = AutoModelForCausalLM.from_pretrained(again).state_dict()
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert (tiny_model_dir / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
+
+    # a second call with the same config returns the folder without rebuilding it
+    stamp = (again / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_model(cfg) == again
+    assert (again / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((again / MARKER_FILE).read_text())["config_hash"] == cfg.config_hash()
+
+    # the same folder with another config is refused, not overwritten
+    other = TinyModelConfig.for_tests(output_dir=str(again))
+    other.seed = 1
+    with pytest.raises(FileExistsError, match="another config"):
+        build_tiny_model(other)
+
+
+def test_default_output_dir_is_keyed_by_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IAIF_CACHE", str(tmp_path))
+    a, b = TinyModelConfig(), TinyModelConfig(seed=1)
+    assert a.resolved_output_dir().parent == tmp_path
+    assert a.resolved_output_dir() != b.resolved_output_dir()
+    assert a.resolved_output_dir() == TinyModelConfig().resolved_output_dir()
+    assert TinyModelConfig(output_dir="x").config_hash() == a.config_hash()
+
+
+def test_cli_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "iaif", "build-tiny-model", "--help"],
+                         capture_output=True, text=True, check=True).stdout.replace("-", "_")
+    for flag in ("__seed", "__hidden_size", "__pretrain_steps", "__output_dir"):
+        assert flag in out

@@ -1,0 +1,101 @@
+"""Model loading, LoRA wrapping, QLoRA (4-bit NF4) and the padding collator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.collate import PaddingCollator, TokenizedDataset
+from training.data import IGNORE_INDEX, DataConfig, TokenizedExample
+from training.finetune import TrainConfig, TrainingSettings, gradient_accumulation_steps, run_train
+from training.lora import LoraSettings, ModelConfig, add_lora, adapter_hash, load_tokenizer, resolve_precision
+
+
+def test_collator_pads_right_and_masks_labels():
+    examples = [TokenizedExample("a", [5, 6, 7], [IGNORE_INDEX, 6, 7]), TokenizedExample("b", [8], [8])]
+    batch = PaddingCollator(pad_token_id=0)([TokenizedDataset(examples)[i] for i in range(2)])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_empty_dataset_and_bad_batch_split_are_errors():
+    with pytest.raises(ValueError, match="no training examples"):
+        TokenizedDataset([])
+    with pytest.raises(ValueError, match="effective_batch_size=128 is not a multiple"):
+        gradient_accumulation_steps(TrainingSettings(effective_batch_size=128, per_device_batch_size=3), processes=1)
+    assert gradient_accumulation_steps(TrainingSettings(), processes=4) == 32  # LESS: 4 GPUs x 1 x 32
+
+
+def test_less_defaults_give_the_published_lora_size_on_llama31_8b_shapes():
+    """LESS recipe on Llama-3.1-8B: r=128 on q/k/v/o has r*(in+out) weights per projection (~109M)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):
+        model = add_lora(LlamaForCausalLM(cfg), LoraSettings())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kv_out = 4096 // 32 * 8
+    expected = 32 * 128 * ((4096 + 4096) * 2 + (4096 + kv_out) * 2)
+    assert trainable == expected == 109_051_904
+
+
+def test_unknown_target_module_and_missing_model_are_clear_errors(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"lora.target_modules: \['query'\] not found"):
+        add_lora(model, LoraSettings(target_modules=["q_proj", "query"]))
+    with pytest.raises(ValueError, match="model.name_or_path"):
+        load_tokenizer(ModelConfig())
+    assert resolve_precision("auto") == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32")
+
+
+@pytest.fixture(scope="module")
+def qlora_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Llama whose widths are multiples of the 4-bit block size (64), with the tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("qlora_model")
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_qlora_nf4_run(qlora_model_dir: Path, tmp_path: Path):
+    """QLoRA: NF4 4-bit base with bf16 compute, LoRA trains, adapter saved. CUDA GPUs are the
+    intended target; recent bitsandbytes also runs 4-bit layers on CPU, where this test runs too."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install iaif[qlora])")
+    from bitsandbytes.nn import Params4bit
+
+    from training.lora import load_base_model
+
+    model_cfg = ModelConfig(name_or_path=str(qlora_model_dir), precision="4bit")
+    try:
+        base = load_base_model(model_cfg)
+    except (RuntimeError, ImportError, NotImplementedError) as err:
+        pytest.skip(f"bitsandbytes 4-bit loading is not available on this machine without CUDA: {err}")
+    quantised = [m.weight for m in base.modules() if isinstance(getattr(m, "weight", None), Params4bit)]
+    assert quantised and all(w.quant_type == "nf4" for w in quantised)
+    assert all(m.compute_dtype == torch.bfloat16 for m in base.modules() if hasattr(m, "compute_dtype"))
+    del base
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n" for w in ["yes", "no", "maybe", "ok"]))
+    out = run_train(TrainConfig(
+        data=DataConfig(path=str(pool)), model=model_cfg, lora=LoraSettings(r=4, alpha=16, dropout=0.0),
+        training=TrainingSettings(learning_rate=1e-3, num_epochs=1, effective_batch_size=2, per_device_batch_size=2, max_length=64),
+        output_dir=str(tmp_path / "run"),
+    ))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 2
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in summary["log_history"] if "loss" in e)
+    assert len(adapter_hash(out / "adapter")) == 16
