@@ -85,4 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = parse_stage_config(_load(stage.config), rest, prog=f"iaif {name}", description=stage.help)
     except ConfigError as err:
         sys.exit(f"iaif {name}: {err}")
-    _load(stage.run)(config)
+    try:
+        _load(stage.run)(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: a clear message, no traceback
+        logging.getLogger("iaif").debug("stage %s failed", name, exc_info=True)
+        sys.exit(f"iaif {name}: {err}")

@@ -225,6 +225,8 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, li
                     "pool_stores": stores["pool"], "targets": list(res.targets.values()),
                     "target_stores": [s for t in res.targets for s in stores[t]],
                     "template": cfg.template, "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
+            if cfg.tiny_model is not None:  # offline demo: no sentence-transformers model, embed with the tiny LM (mean pooling)
+                base["embedder"] = res.model
             if ranks.main:
                 _run_stage("select", _compose("select", base, cfg.select))
             ranks.wait()

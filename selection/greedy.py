@@ -17,7 +17,8 @@ the shortlist; when there are too many of them, the step refreshes. The result e
 straightforward loop (up to the order among equal gains, e.g. exact duplicates). E spans the leading
 right singular vectors of a seeded row sample of ψ, where influence features put most of their mass;
 the bound is applied with per-coordinate extremes of z over the outside candidates, so only a prefix
-of them (sorted by refresh gain) is ever looked at. The step loop runs single-threaded.
+of them (sorted by refresh gain) is ever looked at. On CPU the selector runs single-threaded (the
+per-step work is small; one thread also makes runs bit-for-bit repeatable).
 
 Stochastic greedy (Mirzasoleiman et al. 2015): each step evaluates the exact gain of
 ⌈(N/k)·ln(1/ε)⌉ random unselected candidates and takes the best.
@@ -104,19 +105,24 @@ def _row_chunks(n: int, chunk_rows: int) -> list[slice]:
     return [slice(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
 
 
-def _sq_norms(curv: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def _sq_norms(curv: torch.Tensor, chunk_rows: int, name: str) -> torch.Tensor:
+    """‖ψ_c‖² of every row; NaN or inf features are an error naming the first such row."""
     out = torch.empty(curv.shape[0], dtype=torch.float32, device=curv.device)
     for sl in _row_chunks(curv.shape[0], chunk_rows):
         out[sl] = torch.linalg.vector_norm(curv[sl].float(), dim=1).square()
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        raise ValueError(f"objective '{name}': curvature features of row {int(bad.nonzero()[0])} are NaN or inf")
     return out
 
 
-def _leading_directions(curv: torch.Tensor, rank: int, seed: int, sample_rows: int = 16384) -> torch.Tensor:
+def _leading_directions(curv: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
     """An orthonormal [q, rank] basis of the leading right singular vectors of a seeded row sample of
     ψ. It only tightens the bounds of the exact greedy; any orthonormal basis keeps the result exact."""
     n, q = curv.shape
     if rank == 0:
         return torch.zeros(q, 0, dtype=torch.float32, device=curv.device)
+    sample_rows = min(16384, max(4 * rank, 2**22 // q))  # the SVD costs about rows · q · min(rows, q)
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randperm(n, generator=gen)[:sample_rows].sort().values.to(curv.device)
     _, _, vh = torch.linalg.svd(curv[rows].float(), full_matrices=False)
@@ -127,12 +133,12 @@ class _ExactTracker:
     """Exact greedy gains of one objective with a shortlist and refresh bounds (module docstring)."""
 
     def __init__(self, obj: Objective, selected: torch.Tensor, shortlist: int, basis_rank: int,
-                 chunk_rows: int, seed: int, threads: int):
-        self.obj, self.selected, self.chunk_rows, self.threads = obj, selected, chunk_rows, threads
+                 chunk_rows: int, seed: int):
+        self.obj, self.selected, self.chunk_rows = obj, selected, chunk_rows
         self.m_short = max(1, shortlist)
         n, q = obj.curv.shape
         dev = obj.curv.device
-        self.sq = _sq_norms(obj.curv, chunk_rows)
+        self.sq = _sq_norms(obj.curv, chunk_rows, obj.name)
         self.cum = torch.zeros(q, dtype=torch.float32, device=dev)
         self.coef = obj.coef
         rank = min(basis_rank, q, n) if self.coef > 0 else 0
@@ -148,7 +154,6 @@ class _ExactTracker:
     def _refresh(self) -> None:
         """Exact gains of the whole pool at the current C; candidates sorted by them; the best
         ``shortlist`` of them tracked exactly, the rest ("outside") bounded."""
-        torch.set_num_threads(self.threads)
         self.refreshes += 1
         o, n = self.obj, self.obj.scores.shape[0]
         g = torch.empty(n, dtype=torch.float32, device=self.cum.device)
@@ -156,7 +161,7 @@ class _ExactTracker:
             g[sl] = marginal_gain(o.scores[sl], o.curv[sl].float(), self.cum, o.lam, o.scale, self.sq[sl])[0]
         g[self.selected] = -math.inf
         free = int((~self.selected).sum())
-        g_sorted, order = torch.sort(g, descending=True)
+        g_sorted, order = torch.sort(g, descending=True, stable=True)
         m = min(self.m_short, free)
         self.short_idx = order[:m]
         self.short_psi = o.curv[self.short_idx].float()
@@ -172,7 +177,6 @@ class _ExactTracker:
         self.zmin_out = self.out_z.min(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
         self.zmax_out = self.out_z.max(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
         self.perp_max_out = float(self.out_perp.max()) if has_out else 0.0
-        torch.set_num_threads(1)
 
     def add(self, index: int) -> None:
         self.cum += self.obj.curv[index].float()
@@ -260,28 +264,28 @@ def greedy_select(
     dev = objectives[0].curv.device
     selected = torch.zeros(n, dtype=torch.bool, device=dev)
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         return _greedy_loop(objectives, k, kind, epsilon, shortlist, basis_rank, chunk_rows, seed, progress,
-                            selected, threads)
+                            selected)
     finally:
         torch.set_num_threads(threads)
 
 
 def _greedy_loop(objectives: Sequence[Objective], k: int, kind: GreedyKind, epsilon: float, shortlist: int,
-                 basis_rank: int, chunk_rows: int, seed: int, progress: bool, selected: torch.Tensor,
-                 threads: int) -> GreedyResult:
-    """The step loop; per-step work is small, so it runs single-threaded (refreshes use all threads)."""
+                 basis_rank: int, chunk_rows: int, seed: int, progress: bool, selected: torch.Tensor) -> GreedyResult:
+    """The step loop, single-threaded: per-step work is small, and one thread makes the float
+    round-off, hence the order among equal gains, the same on every run."""
     n, dev = selected.shape[0], selected.device
     if kind == "exact":
-        trackers = [_ExactTracker(o, selected, shortlist, basis_rank, chunk_rows, seed, threads) for o in objectives]
+        trackers = [_ExactTracker(o, selected, shortlist, basis_rank, chunk_rows, seed) for o in objectives]
     elif kind == "stochastic":
         if not 0 < epsilon < 1:
             raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
         cums = [torch.zeros(o.curv.shape[1], dtype=torch.float32, device=dev) for o in objectives]
-        sqs = [_sq_norms(o.curv, chunk_rows) for o in objectives]
+        sqs = [_sq_norms(o.curv, chunk_rows, o.name) for o in objectives]
         sample = math.ceil(n / k * math.log(1 / epsilon))
         gen = torch.Generator().manual_seed(seed)
-        torch.set_num_threads(1)
     else:
         raise ValueError(f"unknown greedy kind '{kind}'")
     steps: list[GreedyStep] = []

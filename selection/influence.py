@@ -43,6 +43,8 @@ class CheckpointFeatures:
     target_ids: list[str]
     weight: float
     name: str = "checkpoint"
+    target_name: str = ""
+    """Where the target rows come from, for messages (default: ``name``)."""
 
 
 def normalized(block: np.ndarray | torch.Tensor, where: str, ids: Sequence[str], device: str | torch.device = "cpu"
@@ -92,8 +94,9 @@ def influence_matrix(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequen
     for c, w in zip(checkpoints, weights):
         if c.pool.shape[1] != c.targets.shape[1]:
             raise FeatureError(f"{c.name}: pool features have dim {c.pool.shape[1]}, targets {c.targets.shape[1]}")
-        t_rows = _rows(c.target_ids, target_ids, f"{c.name} (targets)")
-        tgt = normalized(c.targets[t_rows], f"{c.name} (targets)", list(target_ids), device)
+        where = c.target_name or f"{c.name} (targets)"
+        t_rows = _rows(c.target_ids, target_ids, where)
+        tgt = normalized(c.targets[t_rows], where, list(target_ids), device)
         plan.append((c, w, _rows(c.pool_ids, pool_ids, f"{c.name} (pool)"), tgt))
     for start in range(0, len(pool_ids), chunk_rows):
         ids = list(pool_ids[start : start + chunk_rows])
@@ -191,7 +194,8 @@ def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str]) -> 
             raise FeatureError(f"{p.path}: no target store from the same checkpoint (adapter_hash {key!r})")
         feats = group[0].features if len(group) == 1 else np.concatenate([g.features for g in group])
         ids = [i for g in group for i in g.ids]
-        out.append(CheckpointFeatures(p.features, p.ids, feats, ids, weight, str(p.path)))
+        out.append(CheckpointFeatures(p.features, p.ids, feats, ids, weight, str(p.path),
+                                      "target stores " + ", ".join(str(g.path) for g in group)))
     unused = set(by_key) - set(keys)
     if unused:
         raise StoreMismatchError(f"target stores from checkpoints without a pool store: adapter_hash {sorted(unused)}")

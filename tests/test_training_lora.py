@@ -99,3 +99,28 @@ def test_qlora_nf4_run(qlora_model_dir: Path, tmp_path: Path):
     assert summary["global_step"] == 2
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in summary["log_history"] if "loss" in e)
     assert len(adapter_hash(out / "adapter")) == 16
+
+
+def test_build_trainer_full_parameter_training_as_for_pretraining(tiny_model_dir: Path, tmp_path: Path):
+    """The shared Trainer factory also trains a plain (non-LoRA) model by steps, without checkpoints."""
+    from transformers import AutoModelForCausalLM
+
+    from training.finetune import build_trainer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = tokenizer("<|user|>\nWhat is 2 plus 3?\n<|assistant|>\n2 plus 3 is 5.</s>")["input_ids"]
+    blocks = [TokenizedExample(str(i), ids, ids) for i in range(4)]
+    settings = TrainingSettings(learning_rate=1e-2, max_steps=8, effective_batch_size=4, per_device_batch_size=4,
+                                save_steps=-1, warmup_ratio=0.0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+
+    before = loss()
+    trainer = build_trainer(model, tokenizer, blocks, settings, tmp_path / "trainer")
+    trainer.train()
+    assert trainer.state.global_step == 8
+    assert loss() < before - 1.0
+    assert not list((tmp_path / "trainer").glob("checkpoint-*"))

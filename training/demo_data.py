@@ -83,7 +83,7 @@ def _invented_names(rng: random.Random, n: int, syllables: int) -> list[str]:
     return sorted(names)
 
 
-def make_tables(seed: int, num_countries: int = 40, num_objects: int = 30) -> Tables:
+def make_tables(seed: int, num_countries: int = 16, num_objects: int = 30) -> Tables:
     """Invented countries with invented capitals, invented objects with colours."""
     rng = random.Random(f"tables-{seed}")
     countries = _invented_names(rng, num_countries, 3)
@@ -104,7 +104,7 @@ def _capital(rng: random.Random, t: Tables) -> tuple[str, str, str]:
 
 
 def _two_numbers(rng: random.Random) -> tuple[int, int]:
-    a, b = rng.sample(range(10, 100), 2)
+    a, b = rng.sample(range(10), 2)
     return a, b
 
 
@@ -216,7 +216,7 @@ class DemoDataConfig:
     """Validation examples per target task (used for selection)."""
     test_size: int = 100
     """Test examples per target task (used for evaluation)."""
-    num_countries: int = 40
+    num_countries: int = 16
     """Size of the invented country -> capital table (the facts of the capital task)."""
 
 

@@ -46,6 +46,8 @@ class TrainingSettings:
     """Fraction of the optimizer steps spent warming the learning rate up from 0."""
     num_epochs: int = 4
     """Passes over the training set."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run num_epochs whole epochs)."""
     effective_batch_size: int = 128
     """Examples per optimizer step over all processes: per_device_batch_size x processes x accumulation."""
     per_device_batch_size: int = 1
@@ -69,7 +71,7 @@ class TrainingSettings:
     logging_steps: int = 1
     """Log loss and learning rate every N optimizer steps."""
     save_steps: int = 0
-    """Save a resumable Trainer checkpoint every N optimizer steps (0: at each epoch end)."""
+    """Save a resumable Trainer checkpoint every N optimizer steps (0: at each epoch end; -1: never)."""
     keep_checkpoints: int = 1
     """Resumable Trainer checkpoints kept (the oldest are deleted)."""
 
@@ -118,6 +120,7 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, preci
         lr_scheduler_type=settings.lr_scheduler_type,
         warmup_steps=settings.warmup_ratio,  # a value below 1 is a ratio of the optimizer steps
         num_train_epochs=settings.num_epochs,
+        max_steps=settings.max_steps if settings.max_steps > 0 else -1,
         per_device_train_batch_size=settings.per_device_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps(settings, world_size()),
         weight_decay=settings.weight_decay,
@@ -131,7 +134,7 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, preci
         use_cpu=not torch.cuda.is_available(),
         logging_steps=settings.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if settings.save_steps > 0 else "epoch",
+        save_strategy="steps" if settings.save_steps > 0 else "epoch" if settings.save_steps == 0 else "no",
         save_steps=settings.save_steps if settings.save_steps > 0 else 500,
         save_total_limit=settings.keep_checkpoints,
         remove_unused_columns=False,

@@ -2,7 +2,8 @@
 a peft LoRA adapter.
 
 4-bit loading goes through bitsandbytes with ``bnb_4bit_quant_type="nf4"`` asked for explicitly
-and bf16 compute. It is meant for CUDA GPUs; recent bitsandbytes also runs it (slowly) on CPU.
+and bf16 compute. It is meant for CUDA GPUs; bitsandbytes 0.50 also runs it on CPU when the layer
+input widths are multiples of its 64-value quantisation block (the QLoRA test uses such a model).
 """
 
 from __future__ import annotations

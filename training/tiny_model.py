@@ -28,6 +28,8 @@ BOS, PAD, UNK = "<s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = [BOS, EOS, PAD, UNK, *ROLE_TOKENS]
 MARKER_FILE = "tiny_model.json"
+RECIPE_VERSION = 2
+"""Part of the cache key: bump it when the corpus, tokenizer or pre-training recipe changes."""
 
 TULU_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -78,7 +80,7 @@ class TinyModelConfig:
     """Generated pretraining conversations (also the tokenizer's training text)."""
     seq_len: int = 128
     """Tokens per pretraining block (documents are packed)."""
-    pretrain_steps: int = 300
+    pretrain_steps: int = 400
     """Optimizer steps of pretraining."""
     batch_size: int = 8
     """Blocks per optimizer step."""
@@ -97,9 +99,11 @@ class TinyModelConfig:
     def config_hash(self) -> str:
         """12 hex digits identifying everything but the output folder."""
         data = {k: v for k, v in config_to_dict(self).items() if k != "output_dir"}
+        data["recipe_version"] = RECIPE_VERSION
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
     def resolved_output_dir(self) -> Path:
+        """``output_dir``, or the cache folder keyed by :meth:`config_hash` when it is empty."""
         return Path(self.output_dir) if self.output_dir else default_cache_dir() / f"tiny-llama-{self.config_hash()}"
 
 
@@ -138,7 +142,10 @@ def _packed_blocks(corpus: list[str], tokenizer, seq_len: int) -> list[dict[str,
 
 
 def _pretrain(cfg: TinyModelConfig, tokenizer, corpus: list[str], work_dir: Path):
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+    from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+
+    from training.data import TokenizedExample
+    from training.finetune import TrainingSettings, build_trainer
 
     set_seed(cfg.seed)
     model_cfg = LlamaConfig(
@@ -152,14 +159,14 @@ def _pretrain(cfg: TinyModelConfig, tokenizer, corpus: list[str], work_dir: Path
     blocks = _packed_blocks(corpus, tokenizer, cfg.seq_len)
     logger.info("pretraining %.2fM parameters on %d blocks of %d tokens for %d steps",
                 model.num_parameters() / 1e6, len(blocks), cfg.seq_len, cfg.pretrain_steps)
-    args = TrainingArguments(
-        output_dir=str(work_dir / "trainer"), max_steps=cfg.pretrain_steps,
-        per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, warmup_steps=max(1, cfg.pretrain_steps // 20), lr_scheduler_type="cosine",
-        logging_steps=max(1, cfg.pretrain_steps // 10), save_strategy="no", report_to=[], use_cpu=True,
-        seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=blocks)
+    trainer = build_trainer(
+        model, tokenizer,
+        [TokenizedExample(str(i), b["input_ids"], b["labels"]) for i, b in enumerate(blocks)],
+        TrainingSettings(learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_ratio=0.05,
+                         max_steps=cfg.pretrain_steps, effective_batch_size=cfg.batch_size,
+                         per_device_batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                         max_grad_norm=1.0, logging_steps=max(1, cfg.pretrain_steps // 10), save_steps=-1),
+        work_dir / "trainer", precision="fp32")
     result = trainer.train()
     shutil.rmtree(work_dir / "trainer", ignore_errors=True)
     return model, {"train_loss": result.training_loss, "num_blocks": len(blocks),

@@ -114,6 +114,8 @@ def run_warmup(cfg: WarmupConfig) -> Path:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ValueError("iaif warmup does not run under FSDP (its checkpoints need the whole optimizer state "
                          "by parameter name); use single_gpu.yaml or multi_gpu.yaml (DDP)")
+    if cfg.training.max_steps:
+        raise ValueError("training.max_steps: the warm-up runs whole epochs (one checkpoint each); leave it 0")
     out = Path(cfg.output_dir)
     pool = load_examples(cfg.data)
     chosen = sample_fraction(pool, cfg.fraction, cfg.sample_seed)

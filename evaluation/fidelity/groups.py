@@ -24,9 +24,9 @@ COHERENT_KINDS = ("class", "feature_cluster", "gradient_cluster")
 class GroupSettings:
     """How many groups of which kinds and sizes."""
 
-    random_groups: int = 40
+    random_groups: int = 24
     """number of random groups"""
-    coherent_groups: int = 60
+    coherent_groups: int = 36
     """number of coherent groups, split evenly over same class, feature clusters, gradient clusters"""
     min_fraction: float = 0.0025
     """smallest group, as a fraction of n"""

@@ -52,7 +52,7 @@ def exact_curvature(problem: Problem, theta: torch.Tensor, damping: float, chunk
     h = dense_hessian(problem.objective, theta, chunk)
     evals, evecs = torch.linalg.eigh(h)
     floor = max(problem.l2, 1e-12)
-    raised = int((evals < floor).sum())
+    raised = int((evals < floor * (1 - 1e-6)).sum())
     if raised:
         logger.info("raised %d of %d Hessian eigenvalues (min %.3g) to the L2 weight %.3g", raised, len(evals), float(evals.min()), floor)
     inv = 1.0 / (evals.clamp_min(floor) + damping)

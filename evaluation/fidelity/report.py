@@ -79,16 +79,19 @@ def target_checks(res: PairResult, convex: bool) -> dict[str, dict[str, float | 
 
 
 def scatter_plot(res: PairResult, path: Path) -> Path:
-    """Estimated vs actual change, one panel per estimator, random (o) and coherent (^) groups."""
+    """Estimated vs actual change (symlog axes), one panel per estimator, random (o) and coherent (^) groups."""
     fig, axes = plt.subplots(1, len(ESTIMATORS), figsize=(4 * len(ESTIMATORS), 4), squeeze=False)
     corr = res.correlations()
     lo = min(res.actual.min(), res.estimates.min())
     hi = max(res.actual.max(), res.estimates.max())
+    linthresh = max(float(np.percentile(np.abs(res.actual), 10)), 1e-12)  # Δf spans decades: symlog axes
     for j, (ax, est) in enumerate(zip(axes[0], ESTIMATORS)):
         for subset, marker in (("random", "o"), ("coherent", "^")):
             m = res.mask(subset)
             ax.scatter(res.actual[m], res.estimates[m, j], s=14, marker=marker, alpha=0.7, label=subset)
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_yscale("symlog", linthresh=linthresh)
         ax.set_title(f"{LABELS[est]}\nSpearman {corr[est]['all']['spearman']:.2f}", fontsize=9)
         ax.set_xlabel("actual Δf (retraining)")
         if j == 0:

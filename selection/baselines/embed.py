@@ -1,7 +1,7 @@
 """Sentence-embedding baseline: a sentence-transformers model (name or local folder, a setting).
 
 A local Hugging Face folder that is not a sentence-transformers model (e.g. the tiny demo model)
-is wrapped as ``models.Transformer`` + mean ``models.Pooling``. Nothing is downloaded when the
+is wrapped as ``Transformer`` + mean ``Pooling`` modules. Nothing is downloaded when the
 name is a local folder; a Hub name needs the model in the local cache when offline.
 """
 
@@ -22,14 +22,20 @@ def example_text(example: Example) -> str:
 
 def load_embedder(name: str, device: str = "cpu", max_length: int = 512):
     """A SentenceTransformer from a name or a folder (plain HF folders get mean pooling)."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Pooling, Transformer
 
     folder = Path(name)
     if folder.is_dir() and not (folder / "modules.json").is_file():
-        word = models.Transformer(str(folder), max_seq_length=max_length)
+        word = Transformer(str(folder), max_seq_length=max_length)
         if word.tokenizer.pad_token is None:
             word.tokenizer.pad_token = word.tokenizer.eos_token
-        pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+        dim = getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
+        pooling = Pooling(dim(), pooling_mode="mean")
         return SentenceTransformer(modules=[word, pooling], device=device)
     return SentenceTransformer(name, device=device)
 

@@ -17,9 +17,9 @@ def adam_direction(
     grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float, eps: float
 ) -> torch.Tensor:
     """Γ for a batch of per-example gradients ``[B, *shape]`` against moments of ``shape``."""
-    m = beta1 * exp_avg + (1.0 - beta1) * grads
-    v = beta2 * exp_avg_sq + (1.0 - beta2) * grads.square()
-    return m / (v.sqrt() + eps)
+    v = torch.addcmul(beta2 * exp_avg_sq, grads, grads, value=1.0 - beta2)
+    m = torch.add(beta1 * exp_avg, grads, alpha=1.0 - beta1)
+    return m.div_(v.sqrt_().add_(eps))
 
 
 class AdamPreconditioner:

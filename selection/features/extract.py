@@ -113,19 +113,17 @@ class LoraFeaturizer:
             for m in self.matrices:
                 self.offsets[m.name] = total
                 total += m.shape[0] * m.shape[1]
-            if total > 2**32:
-                raise ValueError(f"dense projection supports up to 2**32 LoRA parameters, the adapter has {total}")
+            if total > 2**37:
+                raise ValueError(f"dense projection supports up to 2**37 LoRA parameters, the adapter has {total}")
 
     @property
     def num_parameters(self) -> int:
         return sum(m.shape[0] * m.shape[1] for m in self.matrices)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        calls: dict[str, int] = {}
         total: dict[str, torch.Tensor] = {}
 
         def sink(matrix: LoraMatrix, grads: torch.Tensor) -> None:
-            calls[matrix.name] = calls.get(matrix.name, 0) + 1
             if self.adam is not None:
                 grads = self.adam.direction(matrix.name, grads)
             if self.projection == "factorised":
@@ -139,15 +137,11 @@ class LoraFeaturizer:
                                   projectors=self.projectors if fast else None, sink=None if fast else sink)
         with hooks:
             backward_per_example(self.model, batch)
-        if fast:
-            if hooks.features is None:
-                raise RuntimeError("no LoRA matrix received a gradient")
-            return hooks.features
-        if any(n != 1 for n in calls.values()):
-            raise RuntimeError("a LoRA matrix received several gradients per batch (gradient checkpointing is not supported)")
-        if "sum" not in total:
-            raise RuntimeError("no LoRA matrix received a gradient")
-        return total["sum"]
+        wrong = [m.name for m in self.matrices if hooks.calls.get(m.name, 0) != 1]
+        if wrong:
+            raise RuntimeError(f"LoRA matrices {wrong[:3]} did not receive exactly one gradient in the backward pass "
+                               "(gradient checkpointing and LoRA layers bypassed in forward are not supported)")
+        return hooks.features if fast else total["sum"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,6 +226,8 @@ def run_extract(cfg: ExtractConfig) -> Path:
 
     if not cfg.output_dir:
         raise ValueError("output_dir: no output folder given")
+    if cfg.model.gradient_checkpointing:
+        raise ValueError("model.gradient_checkpointing: not supported by extract (the hooks need one forward per batch)")
     state = PartialState(cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)

@@ -97,6 +97,8 @@ class LoraGradientHooks:
             raise ValueError("full mode needs a sink")
         self.matrices, self.mode, self.projectors, self.sink = matrices, mode, projectors, sink
         self.features: torch.Tensor | None = None
+        self.calls: dict[str, int] = {}
+        """How many gradients each matrix received (exactly one per backward when all is well)."""
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> "LoraGradientHooks":
@@ -122,6 +124,7 @@ class LoraGradientHooks:
         return hook
 
     def _on_delta(self, matrix: LoraMatrix, x: torch.Tensor, delta: torch.Tensor) -> None:
+        self.calls[matrix.name] = self.calls.get(matrix.name, 0) + 1
         delta = delta.float()
         if self.mode == "factorised":
             p_out, _ = self.projectors[matrix.name].matrices(delta.device)

@@ -1,0 +1,88 @@
+"""Fidelity benchmark plumbing: data loaders, groups, the retraining cache, the stage end to end."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.fidelity import retrain
+from evaluation.fidelity.benchmark import FidelityConfig, run_fidelity
+from evaluation.fidelity.datasets import load_split, read_idx
+from evaluation.fidelity.groups import GroupSettings, draw_groups, size_grid
+from training.data import DataError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_shared_data_loaders(shared_data):
+    mnist = load_split("mnist", shared_data, 500, 200, seed=0, downsample=2)
+    assert mnist.x_train.shape == (500, 1, 14, 14) and mnist.x_target.shape == (200, 1, 14, 14)
+    assert mnist.num_outputs == 10 and mnist.task == "multiclass"
+    concrete = load_split("concrete", shared_data, 0, 230, seed=0)
+    assert concrete.x_train.shape == (800, 8) and concrete.task == "regression"
+    assert abs(float(concrete.y_train.mean())) < 1e-9  # standardised with training statistics
+    parkinsons = load_split("parkinsons", shared_data, 1000, 500, seed=0)
+    assert parkinsons.x_train.shape == (1000, 19)
+
+
+def test_bad_inputs_name_file_line_and_field(tmp_path):
+    bad = tmp_path / "uci_concrete"
+    bad.mkdir()
+    (bad / "Concrete_Data.csv").write_text("a;b;Concrete compressive strength\n1;2;3\n4;x;6\n")
+    with pytest.raises(DataError, match=r"Concrete_Data.csv:3: field 'b'"):
+        load_split("concrete", tmp_path, 0, 1, seed=0)
+    idx = tmp_path / "bad-idx.gz"
+    with gzip.open(idx, "wb") as fh:
+        fh.write(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")
+    with pytest.raises(DataError, match="header says"):
+        read_idx(idx)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_split("imagenet", tmp_path, 0, 1, seed=0)
+
+
+def test_groups_sizes_kinds_and_coherence():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(4, size=400)
+    feats = rng.normal(size=(400, 5)) + labels[:, None]
+    settings = GroupSettings(random_groups=10, coherent_groups=12, clusters=4, num_sizes=5)
+    groups = draw_groups(labels, feats, rng.normal(size=(400, 8)), settings, seed=0)
+    grid = size_grid(400, settings.min_fraction, settings.max_fraction, settings.num_sizes)
+    assert grid[0] == 1 and grid[-1] == 100
+    assert len({tuple(g.index) for g in groups}) == len(groups) == 22
+    assert {g.kind for g in groups} == {"random", "class", "feature_cluster", "gradient_cluster"}
+    for g in groups:
+        assert len(np.unique(g.index)) == len(g.index) and len(g.index) in grid
+        if g.kind == "class":
+            assert len(np.unique(labels[g.index])) == 1
+
+
+def test_run_fidelity_writes_outputs_and_reuses_the_cache(tmp_path, monkeypatch):
+    cfg = FidelityConfig(output_dir=str(tmp_path / "out"), pairs=["breast_cancer_logreg"],
+                         groups=GroupSettings(random_groups=4, coherent_groups=6, num_sizes=4))
+    out = run_fidelity(cfg)
+    for name in ("table.md", "results.json", "scatter_breast_cancer_logreg.png", "run_info.json", "config.yaml"):
+        assert (out / name).is_file()
+    first = json.loads((out / "results.json").read_text())["pairs"]["breast_cancer_logreg"]
+    assert len(first["groups"]) == 10
+    assert set(first["correlations"]["interaction_exact"]) == {"random", "coherent", "all"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a rerun must take every retraining from the cache")
+
+    monkeypatch.setattr(retrain, "fit", no_training)
+    again = json.loads((run_fidelity(cfg) / "results.json").read_text())["pairs"]["breast_cancer_logreg"]
+    assert [g["actual"] for g in again["groups"]] == [g["actual"] for g in first["groups"]]
+
+
+def test_unknown_pair_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown"):
+        run_fidelity(FidelityConfig(output_dir=str(tmp_path), pairs=["nope"]))
