@@ -110,22 +110,27 @@ def _detect_format(path: str) -> str:
     raise DataError(path, None, None, "no such file or folder")
 
 
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (1-based line number, record) for each non-blank line of a JSONL file of objects."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise DataError(str(path), lineno, None, f"malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(str(path), lineno, None, f"expected a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
 def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line or record number, record) pairs, 1-based, in file order."""
     fmt = cfg.format if cfg.format != "auto" else _detect_format(cfg.path)
     src = cfg.path
     if fmt == "jsonl":
-        with open(src, encoding="utf-8") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    raise DataError(src, lineno, None, f"malformed JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(src, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
-                yield lineno, rec
+        yield from read_jsonl(src)
     elif fmt == "json":
         with open(src, encoding="utf-8") as fh:
             try:

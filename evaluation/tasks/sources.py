@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from training.data import DataError
+from training.data import DataError, read_jsonl
 
 Record = dict[str, Any]
 
@@ -34,18 +34,7 @@ class Subtask:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Record]]:
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise DataError(str(path), lineno, None, f"malformed JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(str(path), lineno, None, "expected a JSON object")
-            out.append((lineno, rec))
+    out = list(read_jsonl(path))
     if not out:
         raise DataError(str(path), None, None, "no records")
     return out
