@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from training.provenance import write_run_info
-from training.tiny_model import TULU_CHAT_TEMPLATE  # the Tulu format of training.data.render as a chat template
+from training.data import TULU_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,20 @@ IGNORE_INDEX = -100
 TULU_USER = "<|user|>\n"
 TULU_ASSISTANT = "<|assistant|>\n"
 TULU_SYSTEM = "<|system|>\n"
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\\n' + message['content'] + eos_token }}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if not loop.last or add_generation_prompt %}{{ '\\n' }}{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt and message['role'] != 'assistant' %}{{ '<|assistant|>\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+"""Jinja chat template that renders exactly the Tulu text of ``training.data.render(template="tulu")``:
+``<|user|>\\n…\\n<|assistant|>\\n…</s>``, turns joined by a newline, no trailing newline."""
 
 
 class DataError(ValueError):

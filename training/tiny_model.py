@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.data import TULU_CHAT_TEMPLATE
 from training.demo_data import EOS, pretraining_corpus
 from training.provenance import config_to_dict, write_run_info
 
@@ -30,21 +31,6 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, UNK, *ROLE_TOKENS]
 MARKER_FILE = "tiny_model.json"
 RECIPE_VERSION = 2
 """Part of the cache key: bump it when the corpus, tokenizer or pre-training recipe changes."""
-
-TULU_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>\\n' + message['content'] + eos_token }}"
-    "{% if not loop.last %}{{ '\\n' }}{% endif %}"
-    "{% else %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
-    "{% if not loop.last or add_generation_prompt %}{{ '\\n' }}{% endif %}"
-    "{% endif %}"
-    "{% if loop.last and add_generation_prompt and message['role'] != 'assistant' %}{{ '<|assistant|>\\n' }}{% endif %}"
-    "{% endfor %}"
-)
-"""Jinja chat template that renders exactly the Tulu text of ``training.data.render(template="tulu")``:
-``<|user|>\\n…\\n<|assistant|>\\n…</s>``, turns joined by a newline, no trailing newline."""
 
 
 def default_cache_dir() -> Path:
