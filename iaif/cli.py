@@ -26,6 +26,8 @@ STAGES: dict[str, Stage] = {
                               "build (or reuse) the small offline Llama-style base model and tokenizer"),
     "make-demo-data": Stage("training.demo_data:DemoDataConfig", "training.demo_data:make_demo_data",
                             "generate the demo instruction pool and target tasks"),
+    "make-targets": Stage("evaluation.targets:TargetsConfig", "evaluation.targets:run_make_targets",
+                          "selection target sets (MMLU dev, BBH CoT exemplars, TyDiQA 1 per language) from the benchmark data"),
     "warmup": Stage("training.warmup:WarmupConfig", "training.warmup:run_warmup",
                     "LoRA warm-up on a random fraction of the pool; one checkpoint per epoch"),
     "extract": Stage("selection.features.extract:ExtractConfig", "selection.features.extract:run_extract",

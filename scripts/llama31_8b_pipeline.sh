@@ -7,7 +7,10 @@ CONFIG=${1:-configs/llama31_8b/pipeline.yaml}
 shift || true
 NUM_GPUS=${NUM_GPUS:-8}
 LAUNCH=(accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes "$NUM_GPUS" -m iaif run "$CONFIG")
+TARGETS_DIR=${TARGETS_DIR:-runs/llama31_8b/targets}  # must match the `targets:` paths of the config
 
+# selection targets (MMLU dev 285, BBH CoT 81, TyDiQA 9) from the benchmark data folder
+[ -f "$TARGETS_DIR/run_info.json" ] || iaif make-targets --output_dir "$TARGETS_DIR"
 "${LAUNCH[@]}" --steps warmup "$@"          # DDP LoRA warm-up, 4 checkpoints
 "${LAUNCH[@]}" --steps extract "$@"         # pool (Adam) and target (grad) features, sharded over GPUs
 iaif run "$CONFIG" --steps select "$@"      # every method, one process (GPU 0 if available)

@@ -85,7 +85,7 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     if cfg.curvature == "ef":
         curv, scale = phi, None
     elif cfg.curvature == "gn":
-        sampled = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores)
+        sampled = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores, sampled=True)
         curv, scale = influence_matrix(sampled, ids, sampled[0].target_ids, cfg.chunk_rows, cfg.device), None
     elif cfg.curvature == "identity":
         curv, scale = parameter_features(ckpts, ids, cfg.chunk_rows, cfg.device), 1.0

@@ -156,12 +156,14 @@ def _checkpoint_key(store: FeatureStore) -> str:
     return str(store.meta.get("adapter_hash") or store.meta.get("checkpoint") or "")
 
 
-def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str]) -> list[CheckpointFeatures]:
+def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str], sampled: bool = False
+                     ) -> list[CheckpointFeatures]:
     """Pair pool stores (one per checkpoint) with the target stores of the same checkpoint.
 
     Several target stores of one checkpoint (e.g. one per target file) are stacked. Stores of another
     model, template or projection raise ``StoreMismatchError``; a checkpoint without target features
-    raises ``FeatureError``.
+    raises ``FeatureError``. ``sampled``: the target stores are sampled-label stores (meta
+    ``sampled_labels`` > 0, curvature=gn); a sampled-label store given as a true-label one is refused.
     """
     if not pool_paths:
         raise FeatureError("no pool feature store given (pool_stores)")
@@ -175,6 +177,13 @@ def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str]) -> 
             raise StoreMismatchError(f"{pools[0].path} and {s.path}: pool stores list different example ids")
     for s in targets:
         pools[0].check_compatible(s, same_dataset=False)
+        draws = s.meta.get("sampled_labels") or 0
+        if draws and not sampled:
+            raise StoreMismatchError(f"{s.path}: a sampled-label store (sampled_labels={draws}) given as a true-label "
+                                     "target store; pass it as sampled_target_stores (curvature=gn)")
+        if sampled and not draws:
+            logger.warning("%s: not a sampled-label store (no sampled_labels in meta.json); its rows are used as "
+                           "sampled-label gradients", s.path)
     by_key: dict[str, list[FeatureStore]] = {}
     for s in targets:
         by_key.setdefault(_checkpoint_key(s), []).append(s)

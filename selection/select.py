@@ -147,7 +147,7 @@ def load_targets(paths: Sequence[str]) -> list[Example]:
 
 def _sampled_curvature(cfg: SelectConfig, cand_ids: list[str], task_of: dict[str, str]
                        ) -> tuple[torch.Tensor, dict[str, slice]]:
-    ckpts = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores)
+    ckpts = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores, sampled=True)
     ids = ckpts[0].target_ids
     labels = []
     for sid in ids:

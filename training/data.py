@@ -139,6 +139,17 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, rec
 
 
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write records as JSONL atomically (a temporary file renamed into place); creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
 def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line or record number, record) pairs, 1-based, in file order."""
     fmt = cfg.format if cfg.format != "auto" else _detect_format(cfg.path)

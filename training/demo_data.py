@@ -37,7 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import AbstractSet, Callable
 
-from training.data import Example, Message, render
+from training.data import Example, Message, render, write_jsonl
 from training.provenance import write_run_info
 
 logger = logging.getLogger(__name__)
@@ -309,13 +309,6 @@ def generate(cfg: DemoDataConfig) -> tuple[list[dict], dict[str, dict[str, list[
     return pool, targets, manifest
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def make_demo_data(cfg: DemoDataConfig) -> Path:
     """Generate the demo pool and target sets into ``cfg.output_dir`` (written to a temporary
     sibling folder first, then moved into place, so nothing is left half-written)."""
@@ -326,10 +319,10 @@ def make_demo_data(cfg: DemoDataConfig) -> Path:
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    _write_jsonl(tmp / "pool.jsonl", pool)
+    write_jsonl(tmp / "pool.jsonl", pool)
     for task, splits in targets.items():
         for split, records in splits.items():
-            _write_jsonl(tmp / "targets" / task / f"{split}.jsonl", records)
+            write_jsonl(tmp / "targets" / task / f"{split}.jsonl", records)
     with open(tmp / "manifest.json", "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=2)
     write_run_info(tmp, cfg, "make-demo-data")

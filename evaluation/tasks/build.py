@@ -8,7 +8,6 @@ lm-eval group whose score aggregates its subtasks.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
+from training.data import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +53,14 @@ class BuiltTasks:
     entries: list[TaskEntry]
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def _write_task_yaml(folder: Path, task: str, template: str, sub: Subtask, num_fewshot: int | None) -> int:
     """Write the subtask's data and YAML; return the number of few-shot examples it uses."""
     folder.mkdir(parents=True, exist_ok=True)
     data_files = {"test": str(folder / f"{task}.test.jsonl")}
-    _write_jsonl(Path(data_files["test"]), sub.records)
+    write_jsonl(Path(data_files["test"]), sub.records)
     if sub.fewshot is not None:
         data_files["fewshot"] = str(folder / f"{task}.fewshot.jsonl")
-        _write_jsonl(Path(data_files["fewshot"]), sub.fewshot)
+        write_jsonl(Path(data_files["fewshot"]), sub.fewshot)
     config: dict[str, Any] = {
         "include": str(TEMPLATES / template),
         "task": task,

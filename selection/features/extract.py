@@ -12,6 +12,13 @@ pool store of ``adam`` features and a target store of ``grad`` features are comp
 * ``adam`` + any, ``grad`` + ``dense``: the exact per-example gradient ``[B, out, in]`` of each LoRA
   matrix is formed from the hooks (small: r is one side), Adam-preconditioned for ``adam``
   (elementwise, so it needs the full gradient), then projected.
+
+Sampled labels (``sampled_labels: R`` > 0, grad features only), for the Gauss-Newton curvature of
+``iaif select --curvature gn``: each target example gets R rows ``<id>#<r>`` (r = 0..R-1), the
+gradient of its loss with every answer token replaced by a token drawn from the model's own
+predictive distribution at that position (teacher-forced: same input ids, only the labels change).
+Draw r of example ``id`` uses ``sample_generator_seed(sample_seed, id, r)`` (see there), so the
+rows do not depend on batching or the number of processes.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,11 +38,12 @@ from tqdm.auto import tqdm
 
 from selection.features.adam import AdamPreconditioner
 from selection.features.batching import group_shards, token_budget_batches
-from selection.features.per_example_grads import LoraGradientHooks, LoraMatrix, backward_per_example, find_lora_matrices
+from selection.features.per_example_grads import (LoraGradientHooks, LoraMatrix, Relabel, backward_per_example,
+                                                  find_lora_matrices)
 from selection.features.projection import DenseProjector, KroneckerProjector, ProjectionKind
 from selection.features.store import META_FILE, ShardWriter, StoreMismatchError, require_match
 from training.collate import PaddingCollator
-from training.data import TULU_ASSISTANT, TULU_SYSTEM, TULU_USER, DataConfig, TokenizedExample, load_examples, tokenize_examples
+from training.data import IGNORE_INDEX, TULU_ASSISTANT, TULU_SYSTEM, TULU_USER, DataConfig, TokenizedExample, load_examples, tokenize_examples
 from training.lora import LoraSettings, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -69,6 +78,11 @@ class ExtractConfig:
     """Projected dimension d."""
     seed: int = 0
     """Seed of the random projection (and of a fresh LoRA adapter)."""
+    sampled_labels: int = 0
+    """R > 0: R rows '<id>#<r>' per example, each with answer labels sampled from the model (Gauss-Newton
+    target stores for `select --curvature gn`; feature=grad only); 0: the true labels."""
+    sample_seed: int = 0
+    """Seed of the label sampling (sampled_labels > 0)."""
     store_dtype: Literal["fp16", "fp32"] = "fp16"
     """Dtype of the stored features."""
     token_budget: int = 8192
@@ -120,7 +134,8 @@ class LoraFeaturizer:
     def num_parameters(self) -> int:
         return sum(m.shape[0] * m.shape[1] for m in self.matrices)
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: dict[str, torch.Tensor], relabel: Relabel | None = None) -> torch.Tensor:
+        """Features of ``batch``; with ``relabel``, of the loss on ``relabel(logits)`` (``backward_per_example``)."""
         total: dict[str, torch.Tensor] = {}
 
         def sink(matrix: LoraMatrix, grads: torch.Tensor) -> None:
@@ -136,12 +151,44 @@ class LoraFeaturizer:
         hooks = LoraGradientHooks(self.matrices, "factorised" if fast else "full",
                                   projectors=self.projectors if fast else None, sink=None if fast else sink)
         with hooks:
-            backward_per_example(self.model, batch)
+            backward_per_example(self.model, batch, relabel)
         wrong = [m.name for m in self.matrices if hooks.calls.get(m.name, 0) != 1]
         if wrong:
             raise RuntimeError(f"LoRA matrices {wrong[:3]} did not receive exactly one gradient in the backward pass "
                                "(gradient checkpointing and LoRA layers bypassed in forward are not supported)")
         return hooks.features if fast else total["sum"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampled labels
+# ------------------------------------------------------------------------------------------------
+
+
+def sample_generator_seed(sample_seed: int, example_id: str, r: int) -> int:
+    """Seed of draw ``r`` of example ``example_id``: the first 8 bytes of
+    sha256(f"{sample_seed}/{r}/{example_id}") read big-endian, modulo 2**63."""
+    digest = hashlib.sha256(f"{sample_seed}/{r}/{example_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
+def sample_labels(logits: torch.Tensor, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """``labels`` with every answer token (label ≠ IGNORE_INDEX at position t ≥ 1) replaced by a draw
+    from softmax(logits[b, t-1]), the model's predictive distribution for that position.
+
+    Row b draws one float64 uniform per answer token, in position order, from a CPU
+    ``torch.Generator`` seeded with ``seeds[b]``, and takes the first token whose cumulative
+    probability (float64) exceeds u · total (inverse CDF; zero-probability tokens are never drawn)."""
+    if len(seeds) != labels.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {labels.shape[0]} rows")
+    out = labels.clone()
+    vocab = logits.shape[-1]
+    for b, seed in enumerate(seeds):
+        pos = torch.nonzero(labels[b, 1:] != IGNORE_INDEX).flatten()
+        u = torch.rand(len(pos), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        cdf = torch.softmax(logits[b, pos].double(), dim=-1).cumsum(dim=-1)
+        draw = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        out[b, pos + 1] = draw.clamp_max(vocab - 1).to(out.device)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,6 +275,11 @@ def run_extract(cfg: ExtractConfig) -> Path:
         raise ValueError("output_dir: no output folder given")
     if cfg.model.gradient_checkpointing:
         raise ValueError("model.gradient_checkpointing: not supported by extract (the hooks need one forward per batch)")
+    if cfg.sampled_labels < 0:
+        raise ValueError(f"sampled_labels: must be ≥ 0, got {cfg.sampled_labels}")
+    if cfg.sampled_labels and cfg.feature != "grad":
+        raise ValueError(f"sampled_labels: {cfg.sampled_labels} needs feature=grad (sampled-label target gradients), "
+                         f"got feature={cfg.feature}")
     state = PartialState(cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
@@ -235,6 +287,8 @@ def run_extract(cfg: ExtractConfig) -> Path:
     if not examples:
         raise ValueError(f"{cfg.data.path}: every example was excluded (no answer tokens within max_length={cfg.max_length})")
     ids = [ex.id for ex in examples]
+    draws = max(cfg.sampled_labels, 1)
+    row_ids = [f"{i}#{r}" for i in ids for r in range(cfg.sampled_labels)] if cfg.sampled_labels else ids
     model, ckpt_info, adam = _load_model(cfg, state.device)
     featurizer = LoraFeaturizer(model, cfg.feature, cfg.projection, cfg.dim, cfg.seed, adam)
     dtype = "float16" if cfg.store_dtype == "fp16" else "float32"
@@ -246,6 +300,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
         "dataset": cfg.data.path, "dataset_fingerprint": dataset_fingerprint(examples), "num_examples": len(examples),
         "num_excluded": len(excluded), "template": cfg.template, "template_hash": template_hash(cfg.template, tokenizer),
         "max_length": cfg.max_length, "lora_parameters": featurizer.num_parameters, "normalised": False,
+        "sampled_labels": cfg.sampled_labels, "sample_seed": cfg.sample_seed if cfg.sampled_labels else None,
         "tool_version": package_version(),
     }
     if (out_dir / META_FILE).is_file():
@@ -274,10 +329,17 @@ def run_extract(cfg: ExtractConfig) -> Path:
         rows, values = [], []
         for batch_rows in plan[shard]:
             batch = collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in batch_rows])
-            feats = featurizer({k: v.to(state.device) for k, v in batch.items()})
-            _check_rows(feats, [ids[i] for i in batch_rows], cfg.store_dtype)
-            rows.extend(batch_rows)
-            values.append(feats.cpu().numpy().astype(dtype))
+            batch = {k: v.to(state.device) for k, v in batch.items()}
+            for r in range(draws):
+                relabel = None
+                if cfg.sampled_labels:
+                    seeds = [sample_generator_seed(cfg.sample_seed, ids[i], r) for i in batch_rows]
+                    relabel = partial(sample_labels, labels=batch["labels"], seeds=seeds)
+                feats = featurizer(batch, relabel)
+                store_rows = [i * draws + r for i in batch_rows]
+                _check_rows(feats, [row_ids[j] for j in store_rows], cfg.store_dtype)
+                rows.extend(store_rows)
+                values.append(feats.cpu().numpy().astype(dtype))
             tokens += int(batch["attention_mask"].sum())
             bar.update(len(batch_rows))
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
@@ -285,11 +347,12 @@ def run_extract(cfg: ExtractConfig) -> Path:
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        writer.assemble(len(plan), ids, cfg.dim, dtype, meta)
+        writer.assemble(len(plan), row_ids, cfg.dim, dtype, meta)
         write_run_info(out_dir, cfg, "extract")
-        logger.info("wrote %s: %d × %d %s features (%d excluded)", out_dir, len(ids), cfg.dim, dtype, len(excluded))
+        logger.info("wrote %s: %d × %d %s features (%d excluded)", out_dir, len(row_ids), cfg.dim, dtype, len(excluded))
     state.wait_for_everyone()
     return out_dir
 
 
-__all__ = ["ExtractConfig", "LoraFeaturizer", "StoreMismatchError", "run_extract", "dataset_fingerprint", "template_hash"]
+__all__ = ["ExtractConfig", "LoraFeaturizer", "StoreMismatchError", "run_extract", "dataset_fingerprint", "template_hash",
+           "sample_generator_seed", "sample_labels"]

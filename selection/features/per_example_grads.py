@@ -134,13 +134,20 @@ class LoraGradientHooks:
             self.sink(matrix, torch.einsum("bto,bti->boi", delta, x.float()))
 
 
-def backward_per_example(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+Relabel = Callable[[torch.Tensor], torch.Tensor]
+"""Maps the detached ``[B, T, V]`` logits of a batch to the ``[B, T]`` labels its loss uses."""
+
+
+def backward_per_example(model: nn.Module, batch: dict[str, torch.Tensor], relabel: Relabel | None = None) -> torch.Tensor:
     """Forward ``batch`` (input_ids, attention_mask, labels) and backpropagate ``Σ_b loss_b`` to the
     input embeddings, which fires the hooks of a ``LoraGradientHooks`` context. Returns the ``[B]`` losses.
 
+    With ``relabel``, the loss uses ``relabel(logits)`` instead of ``batch["labels"]`` (the inputs are
+    unchanged: e.g. labels sampled from the model's own predictions at each answer position).
     Weights (LoRA included) need not require grad: the graph is rooted at the embeddings."""
     embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
-    losses = per_example_loss(logits, batch["labels"])
+    labels = batch["labels"] if relabel is None else relabel(logits.detach())
+    losses = per_example_loss(logits, labels)
     torch.autograd.grad(losses.sum(), embeds)
     return losses.detach()
