@@ -6,7 +6,7 @@ and ``vllm`` (GPU only, ``pip install iaif[vllm]``): the adapter is served as a 
 r=128), or merged into the base weights first (``merge_adapter: true``), which is faster to serve.
 
 Tasks come from three places: local benchmarks converted from the shared data folder
-(:data:`evaluation.tasks.BENCHMARKS`), the demo's target tasks, and lm-eval's built-in task names
+(:data:`iaif.evaluation.tasks.BENCHMARKS`), the demo's target tasks, and lm-eval's built-in task names
 (those need the Hugging Face Hub). Output folder:
 
 - ``lm_eval_results.json`` — lm-eval's own result dictionary, unchanged (samples left out);
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from training.provenance import write_run_info
-from training.data import TULU_CHAT_TEMPLATE
+from iaif.common.provenance import write_run_info
+from iaif.training.data import TULU_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from evaluation.tasks import TaskEntry, build_tasks
+    from iaif.evaluation.tasks import TaskEntry, build_tasks
 
     if not cfg.model:
         raise ValueError("eval: `model` is required (base model folder or Hub id)")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluation.lm_eval_runner import RESULTS_FILE, SCORES_FILE
+from iaif.evaluation.lm_eval_runner import RESULTS_FILE, SCORES_FILE
 
 REPORT_FILE = "report.md"
 RESULTS_JSON = "results.json"

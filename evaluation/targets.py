@@ -8,7 +8,7 @@ Writes one chat JSONL per benchmark, ``{id, task, benchmark, messages: [user, as
 - ``tydiqa.jsonl``: the first dev question of each language (9), ``task`` = language code;
 - ``gsm8k.jsonl`` (optional): the first N train questions with their full solution.
 
-The records come from the readers of :mod:`evaluation.tasks.sources` and are formatted with the
+The records come from the readers of :mod:`iaif.evaluation.tasks.sources` and are formatted with the
 same task templates the evaluation uses: the user turn is the task description followed by the
 template's ``doc_to_text``, the assistant turn its ``doc_to_target`` (the answer letter for MMLU).
 """
@@ -23,10 +23,10 @@ from typing import Any, Literal
 import jinja2
 import yaml
 
-from evaluation.tasks.build import TEMPLATES, default_data_dir
-from evaluation.tasks.sources import BENCHMARKS, Record, Subtask
-from training.data import DataError, write_jsonl
-from training.provenance import write_run_info
+from iaif.common.provenance import write_run_info
+from iaif.evaluation.tasks.build import TEMPLATES, default_data_dir
+from iaif.evaluation.tasks.sources import BENCHMARKS, Record, Subtask
+from iaif.training.data import DataError, write_jsonl
 
 logger = logging.getLogger(__name__)
 

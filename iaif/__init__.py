@@ -1,5 +1,5 @@
 """iaif: interaction-aware influence functions for choosing instruction-tuning data."""
 
-from training.provenance import package_version
+from iaif.common.provenance import package_version
 
 __version__ = package_version()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -22,29 +22,29 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    "build-tiny-model": Stage("training.tiny_model:TinyModelConfig", "training.tiny_model:build_tiny_model",
+    "build-tiny-model": Stage("iaif.demo.tiny_model:TinyModelConfig", "iaif.demo.tiny_model:build_tiny_model",
                               "build (or reuse) the small offline Llama-style base model and tokenizer"),
-    "make-demo-data": Stage("training.demo_data:DemoDataConfig", "training.demo_data:make_demo_data",
+    "make-demo-data": Stage("iaif.demo.demo_data:DemoDataConfig", "iaif.demo.demo_data:make_demo_data",
                             "generate the demo instruction pool and target tasks"),
-    "make-targets": Stage("evaluation.targets:TargetsConfig", "evaluation.targets:run_make_targets",
+    "make-targets": Stage("iaif.evaluation.targets:TargetsConfig", "iaif.evaluation.targets:run_make_targets",
                           "selection target sets (MMLU dev, BBH CoT exemplars, TyDiQA 1 per language) from the benchmark data"),
-    "warmup": Stage("training.warmup:WarmupConfig", "training.warmup:run_warmup",
+    "warmup": Stage("iaif.training.warmup:WarmupConfig", "iaif.training.warmup:run_warmup",
                     "LoRA warm-up on a random fraction of the pool; one checkpoint per epoch"),
-    "extract": Stage("selection.features.extract:ExtractConfig", "selection.features.extract:run_extract",
+    "extract": Stage("iaif.selection.features.extract:ExtractConfig", "iaif.selection.features.extract:run_extract",
                      "projected per-example LoRA-gradient features into a feature store"),
-    "select": Stage("selection.select:SelectConfig", "selection.select:run_select",
+    "select": Stage("iaif.selection.select:SelectConfig", "iaif.selection.select:run_select",
                     "choose a subset of the pool (interaction, less, first-order, random, rds, embed)"),
-    "attribute": Stage("selection.attribute:AttributeConfig", "selection.attribute:run_attribute",
+    "attribute": Stage("iaif.selection.attribute:AttributeConfig", "iaif.selection.attribute:run_attribute",
                        "group attribution: first-order and interaction-aware estimate of a group"),
-    "train": Stage("training.finetune:TrainConfig", "training.finetune:run_train",
+    "train": Stage("iaif.training.finetune:TrainConfig", "iaif.training.finetune:run_train",
                    "LoRA / QLoRA fine-tuning on a dataset or a selected subset"),
-    "eval": Stage("evaluation.lm_eval_runner:EvalConfig", "evaluation.lm_eval_runner:run_eval",
+    "eval": Stage("iaif.evaluation.lm_eval_runner:EvalConfig", "iaif.evaluation.lm_eval_runner:run_eval",
                   "lm-evaluation-harness on a base model plus adapter"),
     "run": Stage("iaif.pipeline:PipelineConfig", "iaif.pipeline:run_pipeline",
                  "the whole pipeline from a config: warm-up, extract, select, train, eval, report"),
     "demo": Stage("iaif.pipeline:PipelineConfig", "iaif.pipeline:run_demo",
                   "the whole pipeline on the embedded default (tiny model, generated data)"),
-    "fidelity": Stage("evaluation.fidelity.benchmark:FidelityConfig", "evaluation.fidelity.benchmark:run_fidelity",
+    "fidelity": Stage("iaif.evaluation.fidelity.benchmark:FidelityConfig", "iaif.evaluation.fidelity.benchmark:run_fidelity",
                       "estimators against leave-group-out retraining on small models"),
 }
 

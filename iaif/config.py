@@ -4,8 +4,9 @@ flags (tyro), e.g. ``iaif select --config configs/demo_select.yaml --k 100 --met
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import tyro
 import yaml

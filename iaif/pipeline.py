@@ -25,14 +25,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import OmegaConf
 
+from iaif.common.provenance import write_run_info
 from iaif.config import config_from_dict
-from training.provenance import write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +74,19 @@ class PipelineConfig:
     steps: list[str] = field(default_factory=lambda: list(STEPS))
     """Steps to run (e.g. [warmup] for a separate multi-GPU job); the others must already be done when needed."""
     tiny_model: dict[str, Any] | None = None
-    """Demo: settings of training.tiny_model.TinyModelConfig; when set, the tiny model is built and used as `model`."""
+    """Demo: settings of iaif.demo.tiny_model.TinyModelConfig; when set, the tiny model is built and used as `model`."""
     demo_data: dict[str, Any] | None = None
-    """Demo: settings of training.demo_data.DemoDataConfig; when set, the data are generated and used as pool, targets and eval tasks."""
+    """Demo: settings of iaif.demo.demo_data.DemoDataConfig; when set, the data are generated and used as pool, targets and eval tasks."""
     warmup: dict[str, Any] = field(default_factory=dict)
-    """Overrides of training.warmup.WarmupConfig (e.g. {training: {num_epochs: 4}, fraction: 0.05})."""
+    """Overrides of iaif.training.warmup.WarmupConfig (e.g. {training: {num_epochs: 4}, fraction: 0.05})."""
     extract: dict[str, Any] = field(default_factory=dict)
-    """Overrides of selection.features.extract.ExtractConfig (e.g. {dim: 8192, projection: factorised})."""
+    """Overrides of iaif.selection.features.extract.ExtractConfig (e.g. {dim: 8192, projection: factorised})."""
     select: dict[str, Any] = field(default_factory=dict)
-    """Overrides of selection.select.SelectConfig shared by every method."""
+    """Overrides of iaif.selection.select.SelectConfig shared by every method."""
     train: dict[str, Any] = field(default_factory=dict)
-    """Overrides of training.finetune.TrainConfig (e.g. {training: {num_epochs: 4}})."""
+    """Overrides of iaif.training.finetune.TrainConfig (e.g. {training: {num_epochs: 4}})."""
     eval: dict[str, Any] = field(default_factory=dict)
-    """Overrides of evaluation.lm_eval_runner.EvalConfig (e.g. {batch_size: 16, backend: vllm})."""
+    """Overrides of iaif.evaluation.lm_eval_runner.EvalConfig (e.g. {batch_size: 16, backend: vllm})."""
 
 
 def _stage(ref: str) -> tuple[type, Callable[[Any], Path]]:
@@ -135,7 +137,7 @@ class _Resolved:
 def _setup(cfg: PipelineConfig, out: Path, ranks: _Ranks) -> _Resolved:
     model, pool, targets, demo_targets = cfg.model, cfg.pool, dict(cfg.targets), None
     if cfg.tiny_model is not None:
-        from training.tiny_model import TinyModelConfig, build_tiny_model
+        from iaif.demo.tiny_model import TinyModelConfig, build_tiny_model
 
         tiny = config_from_dict(TinyModelConfig, cfg.tiny_model, "tiny_model")  # cached by its settings
         if ranks.main:
@@ -143,7 +145,7 @@ def _setup(cfg: PipelineConfig, out: Path, ranks: _Ranks) -> _Resolved:
         ranks.wait()
         model = str(tiny.resolved_output_dir())
     if cfg.demo_data is not None:
-        from training.demo_data import DemoDataConfig, make_demo_data
+        from iaif.demo.demo_data import DemoDataConfig, make_demo_data
 
         demo = config_from_dict(DemoDataConfig, {"output_dir": str(out / "demo_data"), **cfg.demo_data}, "demo_data")
         data_dir = Path(demo.output_dir)
@@ -170,7 +172,7 @@ def _done(path: Path) -> bool:
 
 
 def _warmup(cfg: PipelineConfig, res: _Resolved, out: Path) -> list[Path]:
-    from training.checkpoint import CheckpointError, list_checkpoints
+    from iaif.training.checkpoint import CheckpointError, list_checkpoints
 
     folder = out / "warmup"
     try:
@@ -251,8 +253,8 @@ def _train(cfg: PipelineConfig, res: _Resolved, out: Path, selections: dict[str,
 
 
 def _eval(cfg: PipelineConfig, res: _Resolved, out: Path, adapters: dict[tuple[str, int], Path]) -> list[Any]:
-    from evaluation.lm_eval_runner import SCORES_FILE
-    from evaluation.report import EvalRun
+    from iaif.evaluation.lm_eval_runner import SCORES_FILE
+    from iaif.evaluation.report import EvalRun
 
     jobs: list[tuple[str, int, Path | None]] = [("base", seed, None) for seed in cfg.seeds[:1] if cfg.eval_base]
     jobs += [(m, s, a) for (m, s), a in adapters.items()]
@@ -307,7 +309,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     runs = _eval(cfg, res, out, adapters)
     if finished("eval", f"{len(runs)} evaluation(s)") or not ranks.main:
         return out
-    from evaluation.report import write_report
+    from iaif.evaluation.report import write_report
 
     report = write_report(runs, {name: folder / "summary.json" for name, folder in selections.items()},
                           out / "report", title=f"iaif comparison: {Path(cfg.output_dir).name}")
@@ -315,14 +317,16 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     return report
 
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+def demo_config_path() -> Path:
+    """``demo.yaml`` as shipped in the package (``iaif.configs``), from a checkout or an installed wheel."""
+    return Path(str(resources.files("iaif.configs") / "demo.yaml"))
 
 
 def demo_config() -> PipelineConfig:
     """The embedded default: ``configs/demo.yaml`` (tiny model, generated data, every method, 2 seeds)."""
     from iaif.config import config_from_yaml
 
-    return config_from_yaml(PipelineConfig, DEMO_CONFIG)
+    return config_from_yaml(PipelineConfig, demo_config_path())
 
 
 def run_demo(cfg: PipelineConfig) -> Path:

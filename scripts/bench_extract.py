@@ -69,12 +69,12 @@ def peak_memory_mb(device: str) -> float:
 
 def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     """Run one method in this (child) process; returns examples, tokens, seconds, peak memory."""
-    from selection.features.adam import AdamPreconditioner
-    from selection.features.batching import token_budget_batches
-    from selection.features.extract import LoraFeaturizer
-    from selection.features.per_example_grads import find_lora_matrices, per_example_loss
-    from selection.features.projection import rademacher_block, stream_key
-    from training.collate import PaddingCollator
+    from iaif.selection.features.adam import AdamPreconditioner
+    from iaif.selection.features.batching import token_budget_batches
+    from iaif.selection.features.extract import LoraFeaturizer
+    from iaif.selection.features.per_example_grads import find_lora_matrices, per_example_loss
+    from iaif.selection.features.projection import rademacher_block, stream_key
+    from iaif.training.collate import PaddingCollator
 
     torch.set_num_threads(args.threads)
     model = build_model(args)

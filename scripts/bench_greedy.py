@@ -5,7 +5,7 @@
 
 The influence matrix Φ is synthetic but shaped like a LESS one: cosines between clustered,
 L2-normalised pool features (with exact duplicates) and target features drawn near a few clusters.
-λ follows the default rule of ``selection.objective.default_lambda``. The straightforward loop
+λ follows the default rule of ``iaif.selection.objective.default_lambda``. The straightforward loop
 (full gain recomputation, one N×m matrix-vector product per step) is timed for a few steps and
 extrapolated to k. Peak memory is the growth of the process's peak resident size over the feature
 matrix's creation, divided by the matrix's size.
@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from selection.estimators import marginal_gain
-from selection.greedy import Objective, greedy_select
-from selection.objective import default_lambda
+from iaif.selection.estimators import marginal_gain
+from iaif.selection.greedy import Objective, greedy_select
+from iaif.selection.objective import default_lambda
 
 
 def _peak_rss_bytes() -> int:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from selection.estimators import pairwise_kappa, quadratic_part
-from selection.influence import influence_matrix, open_checkpoints, parameter_features
-from selection.select import Curvature, load_targets, selected_ids
-from training.provenance import write_run_info
+from iaif.common.provenance import write_run_info
+from iaif.selection.estimators import pairwise_kappa, quadratic_part
+from iaif.selection.influence import influence_matrix, open_checkpoints, parameter_features
+from iaif.selection.select import Curvature, load_targets, selected_ids
 
 logger = logging.getLogger(__name__)
 ATTRIBUTION_FILE = "attribution.json"

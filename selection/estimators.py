@@ -14,8 +14,8 @@ J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} κ(a, b).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -1,7 +1,7 @@
 """Greedy maximisation of the interaction-aware objective (METHOD.md §2), never the N×N matrix.
 
 Each objective is J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} κ(a, b) with κ(a, b) = scale·⟨ψ_a, ψ_b⟩ over
-curvature features ψ ([N, q]); the gain of a candidate is ``selection.estimators.marginal_gain``.
+curvature features ψ ([N, q]); the gain of a candidate is ``iaif.selection.estimators.marginal_gain``.
 
 Exact greedy ("bounded"): the straightforward loop recomputes all N gains every step (one N×q
 matrix-vector product per step, O(k·N·q)). Here gains are recomputed over the whole pool only at a
@@ -25,20 +25,21 @@ Stochastic greedy (Mirzasoleiman et al. 2015): each step evaluates the exact gai
 
 Several objectives (one per target task) are served round-robin: step i picks the best candidate of
 objective i mod T; every objective sees every pick. A sum of objectives is a single objective
-(see ``selection.objective``).
+(see ``iaif.selection.objective``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from selection.estimators import marginal_gain, selection_objective
+from iaif.selection.estimators import marginal_gain, selection_objective
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from selection.features.store import FeatureStore, StoreMismatchError
+from iaif.selection.features.store import FeatureStore, StoreMismatchError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ S_k > 0 and Q_k > 0; otherwise λ must be given.
 
 Multi-task: one objective per task (its own s^τ, ψ^τ, κ scale and λ_τ). ``sum`` maximises Σ_τ J_τ,
 which is a single objective over the features concatenated with weights √(λ_τ·scale_τ) (done in place
-on column blocks, no copy); ``round-robin`` serves the tasks in turn (``selection.greedy``).
+on column blocks, no copy); ``round-robin`` serves the tasks in turn (``iaif.selection.greedy``).
 For the λ rule, k_τ = k under ``sum`` (every pick counts for every task) and ⌈k / T⌉ under
 round-robin.
 """
@@ -25,13 +25,14 @@ round-robin.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
-from selection.estimators import quadratic_part
-from selection.greedy import Objective
+from iaif.selection.estimators import quadratic_part
+from iaif.selection.greedy import Objective
 
 Combine = Literal["sum", "round-robin"]
 

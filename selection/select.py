@@ -1,7 +1,7 @@
 """``iaif select``: choose k examples of a pool (interaction-aware greedy or a baseline) and write
 ``selected.jsonl`` (each original record unchanged plus ``_iaif``) and ``summary.json``.
 
-Methods: ``interaction`` (greedy on J(A) = Σ s − (λ/2) Σ κ, ``selection.objective``),
+Methods: ``interaction`` (greedy on J(A) = Σ s − (λ/2) Σ κ, ``iaif.selection.objective``),
 ``first-order`` (the same selector with λ = 0: top-k by individual influence), ``less`` (mean over
 each (task, subtask) group of target examples, max over all groups, top-k), ``random``, ``rds``
 (base-model hidden states), ``embed`` (sentence-transformers). Subtask: the target record's
@@ -18,17 +18,17 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
-from selection.influence import (CheckpointFeatures, group_columns, influence_matrix, open_checkpoints,
-                                 parameter_features)
-from selection.objective import Combine, TaskTerms, build_objectives
-from training.data import DataConfig, Example, Template, load_examples
-from training.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
+from iaif.common.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
+from iaif.selection.influence import CheckpointFeatures, group_columns, influence_matrix, open_checkpoints, parameter_features
+from iaif.selection.objective import Combine, TaskTerms, build_objectives
+from iaif.training.data import DataConfig, Example, Template, load_examples
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class SelectConfig:
     """Target curvature: ef (empirical Fisher over target features), gn (sampled-label Gauss-Newton),
     identity (identity in feature space: κ = Σ_c η̄_c cos(Γ_a, Γ_b))."""
     lam: float | None = None
-    """Trade-off weight λ; None: per task λ = S_k/Q_k of the first-order top-k set (selection.objective)."""
+    """Trade-off weight λ; None: per task λ = S_k/Q_k of the first-order top-k set (iaif.selection.objective)."""
     lam_factor: float = 1.0
     """Multiplier of the default λ (ignored when lam is given)."""
     combine: Combine = "sum"
@@ -162,8 +162,8 @@ def _sampled_curvature(cfg: SelectConfig, cand_ids: list[str], task_of: dict[str
 
 def _feature_select(cfg: SelectConfig, k: int, ckpts: list[CheckpointFeatures], cand_ids: list[str],
                     targets: list[Example]) -> Selection:
-    from selection.baselines.less import less_select
-    from selection.greedy import greedy_select
+    from iaif.selection.baselines.less import less_select
+    from iaif.selection.greedy import greedy_select
 
     perm, task_cols = group_columns([t.task for t in targets])
     ordered = [targets[i] for i in perm]
@@ -276,7 +276,7 @@ def run_select(cfg: SelectConfig) -> Path:
         k = resolve_k(cfg.k, cfg.fraction, len(candidates))
         sel = _feature_select(cfg, k, ckpts, [e.id for e in candidates], targets)
     elif cfg.method == "random":
-        from selection.baselines.random_subset import random_select
+        from iaif.selection.baselines.random_subset import random_select
 
         candidates = pool
         k = resolve_k(cfg.k, cfg.fraction, len(pool))
@@ -284,17 +284,17 @@ def run_select(cfg: SelectConfig) -> Path:
         idx = random_select(len(pool), k, cfg.seed, groups)
         sel = Selection(idx, [None] * k, [None] * k, [None] * k)
     elif cfg.method in ("rds", "embed"):
-        from selection.baselines.similarity import similarity_select
+        from iaif.selection.baselines.similarity import similarity_select
 
         candidates = pool
         k = resolve_k(cfg.k, cfg.fraction, len(pool))
         targets = load_targets(cfg.targets)
         if cfg.method == "rds":
-            from selection.baselines.rds import rds_embeddings
+            from iaif.selection.baselines.rds import rds_embeddings
 
             embed = lambda xs: rds_embeddings(xs, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)  # noqa: E731
         else:
-            from selection.baselines.embed import sentence_embeddings
+            from iaif.selection.baselines.embed import sentence_embeddings
 
             embed = lambda xs: sentence_embeddings(xs, cfg.embedder, cfg.batch_size, cfg.device, cfg.max_length)  # noqa: E731
         idx, scores = similarity_select(embed(pool), embed(targets), k, cfg.similarity)

@@ -23,8 +23,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A very small Llama-style model + tokenizer (HF folder), built by training.tiny_model."""
-    from training.tiny_model import TinyModelConfig, build_tiny_model
+    """A very small Llama-style model + tokenizer (HF folder), built by iaif.demo.tiny_model."""
+    from iaif.demo.tiny_model import TinyModelConfig, build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_model")
     return build_tiny_model(TinyModelConfig.for_tests(output_dir=str(out)))

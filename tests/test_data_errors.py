@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from training.data import DataConfig, DataError, load_examples, tokenize_examples
+from iaif.training.data import DataConfig, DataError, load_examples, tokenize_examples
 
 GOOD = {"prompt": "Say hi", "completion": "hi"}
 
@@ -79,7 +79,7 @@ def test_answer_truncated_to_zero_tokens_is_excluded_and_reported(tiny_model_dir
     long_prompt = {"id": "long", "prompt": " ".join(["word"] * 200), "completion": "yes"}
     path = write_lines(tmp_path / "pool.jsonl", [json.dumps(GOOD), json.dumps(long_prompt)])
     examples = load_examples(path)
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="iaif.training.data"):
         kept, excluded = tokenize_examples(examples, tok, "tulu", max_length=32)
     assert [k.id for k in kept] == [examples[0].id]
     assert all(k.num_answer_tokens > 0 for k in kept)
@@ -91,7 +91,7 @@ def test_answer_truncated_to_zero_tokens_is_excluded_and_reported(tiny_model_dir
 def test_duplicate_ids_are_reported_and_disambiguated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     records = [{"id": "a", **GOOD}, {"id": "b", **GOOD}, {"id": "a", "prompt": "other", "completion": "x"}, GOOD, GOOD]
     path = write_lines(tmp_path / "pool.jsonl", [json.dumps(r) for r in records])
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="iaif.training.data"):
         examples = load_examples(path)
     ids = [e.id for e in examples]
     assert ids[:3] == ["a", "b", "a~2"]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.data import DataConfig, load_examples
+from iaif.training.data import DataConfig, load_examples
 
 RECORDS = [
     {"prompt": "Say hi", "completion": "hi"},
@@ -38,7 +38,7 @@ def test_ids_from_field_or_content_hash(tmp_path: Path) -> None:
 
 def test_ids_stable_across_processes(tmp_path: Path) -> None:
     path = write(tmp_path / "pool.jsonl")
-    code = f"from training.data import load_examples; print([e.id for e in load_examples({path!r})])"
+    code = f"from iaif.training.data import load_examples; print([e.id for e in load_examples({path!r})])"
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
     assert runs == {str([e.id for e in load_examples(path)]) + "\n"}
 

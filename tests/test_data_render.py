@@ -1,6 +1,6 @@
 """Every record shape renders to the expected Tulu text and label mask (written out by hand).
 
-The expected token ids and labels are built independently of ``training.data``: the text is cut by
+The expected token ids and labels are built independently of ``iaif.training.data``: the text is cut by
 hand into segments that are in or out of the loss, each segment is tokenised on its own, and the
 pieces are concatenated after the BOS token.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from training.data import IGNORE_INDEX, DataConfig, load_examples, render, tokenize_example, tokenize_examples
+from iaif.training.data import IGNORE_INDEX, DataConfig, load_examples, render, tokenize_example, tokenize_examples
 
 # (record, [(text segment, counts in the loss), ...]) -- the segments joined are the rendered text
 CASES = {
@@ -76,7 +76,7 @@ def test_record_shapes_render_and_mask(tok, tmp_path: Path, shape: str, template
 
 
 def test_chat_and_tulu_agree_on_demo_pool(tok, tmp_path: Path) -> None:
-    from training.demo_data import DemoDataConfig, make_demo_data
+    from iaif.demo.demo_data import DemoDataConfig, make_demo_data
 
     out = make_demo_data(DemoDataConfig(output_dir=str(tmp_path / "demo"), per_target_family=10, per_other_family=5,
                                         num_filler=5, clusters_per_target=1, cluster_size=3, validation_size=4, test_size=4))

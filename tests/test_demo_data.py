@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data import load_examples
-from training.demo_data import (TARGET_FAMILIES, DemoDataConfig, generate, make_demo_data,
-                                make_tables, pretraining_corpus)
+from iaif.demo.demo_data import TARGET_FAMILIES, DemoDataConfig, generate, make_demo_data, make_tables, pretraining_corpus
+from iaif.training.data import load_examples
 
 SMALL = dict(per_target_family=60, per_other_family=20, num_filler=30, clusters_per_target=3, cluster_size=5,
              wrong_fraction=0.2, validation_size=8, test_size=20)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.lm_eval_runner import RESULTS_FILE, SCORES_FILE, EvalConfig, run_eval
-from evaluation.report import EvalRun, aggregate, write_report
+from iaif.evaluation.lm_eval_runner import RESULTS_FILE, SCORES_FILE, EvalConfig, run_eval
+from iaif.evaluation.report import EvalRun, aggregate, write_report
 
 
 def _demo_targets(root: Path) -> Path:
@@ -52,7 +52,7 @@ def test_mmlu_group_score_is_the_mean_over_its_questions(eval_dir):
 def test_demo_prompt_is_the_training_format(eval_dir, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from training.data import Example, Message, render
+    from iaif.training.data import Example, Message, render
 
     row = json.loads(open(eval_dir / "samples" / "iaif_demo_add.jsonl").readline())
     prompt = row["arguments"]["gen_args_0"]["arg_0"] if isinstance(row["arguments"], dict) else row["arguments"][0][0]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.targets import TargetsConfig, run_make_targets
-from training.data import DataError, load_examples
+from iaif.evaluation.targets import TargetsConfig, run_make_targets
+from iaif.training.data import DataError, load_examples
 
 ALL = ["mmlu", "bbh", "tydiqa", "gsm8k"]
 

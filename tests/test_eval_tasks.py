@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.tasks import BENCHMARKS, build_tasks
-from training.data import DataError
+from iaif.evaluation.tasks import BENCHMARKS, build_tasks
+from iaif.training.data import DataError
 
 
 def _load(built):

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from selection.features.adam import AdamPreconditioner, OptimizerStateError, adam_direction
-from selection.features.batching import group_shards, token_budget_batches
-from selection.features.extract import LoraFeaturizer
-from selection.features.per_example_grads import LoraGradientHooks, backward_per_example, find_lora_matrices, per_example_loss
-from selection.features.projection import KroneckerProjector, factor_dims, rademacher_block
-from training.collate import PaddingCollator
-from training.data import IGNORE_INDEX
+from iaif.selection.features.adam import AdamPreconditioner, OptimizerStateError, adam_direction
+from iaif.selection.features.batching import group_shards, token_budget_batches
+from iaif.selection.features.extract import LoraFeaturizer
+from iaif.selection.features.per_example_grads import LoraGradientHooks, backward_per_example, find_lora_matrices, per_example_loss
+from iaif.selection.features.projection import KroneckerProjector, factor_dims, rademacher_block
+from iaif.training.collate import PaddingCollator
+from iaif.training.data import IGNORE_INDEX
 
 
 def tiny_lora_model(seed: int = 0, r: int = 4):
@@ -103,7 +103,7 @@ def test_dense_projection_equals_explicit_matrix(setup):
     dim = 64
     feats = LoraFeaturizer(model, "grad", "dense", dim=dim, seed=5)(PaddingCollator(0)(examples))
     flat = torch.stack([torch.cat([g[m.name].flatten() for m in find_lora_matrices(model)]) for g in truth])
-    from selection.features.projection import stream_key
+    from iaif.selection.features.projection import stream_key
 
     full = rademacher_block(stream_key(5, "dense"), 0, dim, 0, flat.shape[1])
     torch.testing.assert_close(feats, flat @ full.T / math.sqrt(dim), rtol=1e-4, atol=1e-5)

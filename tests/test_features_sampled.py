@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from selection.features.extract import ExtractConfig, run_extract
-from selection.features.store import FeatureStore, StoreMismatchError
-from selection.select import SelectConfig, run_select
-from training.data import IGNORE_INDEX, DataConfig
-from training.lora import LoraSettings, ModelConfig
+from iaif.selection.features.extract import ExtractConfig, run_extract
+from iaif.selection.features.store import FeatureStore, StoreMismatchError
+from iaif.selection.select import SelectConfig, run_select
+from iaif.training.data import IGNORE_INDEX, DataConfig
+from iaif.training.lora import LoraSettings, ModelConfig
 
 WORDS = "the a cat dog runs over under blue red green house tree river stone light dark big small one two".split()
 R = 2
@@ -59,10 +59,10 @@ def _draw_seed(sample_seed: int, example_id: str, r: int) -> int:
 
 
 def test_rows_equal_brute_force_on_sampled_labels(stores: dict, tiny_model_dir: Path):
-    from selection.features.per_example_grads import find_lora_matrices, per_example_loss
-    from selection.features.projection import KroneckerProjector
-    from training.data import load_examples, tokenize_examples
-    from training.lora import add_lora, load_base_model, load_tokenizer
+    from iaif.selection.features.per_example_grads import find_lora_matrices, per_example_loss
+    from iaif.selection.features.projection import KroneckerProjector
+    from iaif.training.data import load_examples, tokenize_examples
+    from iaif.training.lora import add_lora, load_base_model, load_tokenizer
 
     cfg, store = stores["cfg"], stores["sampled"]
     torch.manual_seed(cfg.seed)  # the fresh adapter of run_extract

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from selection.features.extract import ExtractConfig, run_extract
-from selection.features.store import FeatureStore, ShardWriter, StoreMismatchError
-from training.data import DataConfig
-from training.lora import LoraSettings, ModelConfig
+from iaif.selection.features.extract import ExtractConfig, run_extract
+from iaif.selection.features.store import FeatureStore, ShardWriter, StoreMismatchError
+from iaif.training.data import DataConfig
+from iaif.training.lora import LoraSettings, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a cat dog runs over under blue red green house tree river stone light dark big small one two three".split()
@@ -119,7 +119,7 @@ def test_resume_after_kill(reference: FeatureStore, tmp_path: Path, caplog: pyte
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with caplog.at_level(logging.INFO, logger="selection.features.extract"):
+        with caplog.at_level(logging.INFO, logger="iaif.selection.features.extract"):
             run_extract(cfg)
     finally:
         torch.set_num_threads(threads)
@@ -162,7 +162,7 @@ def subset_data(cfg: ExtractConfig) -> DataConfig:
 
 
 def test_nan_gradient_names_the_example(tiny_model_dir: Path, data_file: Path, tmp_path: Path):
-    from training.lora import add_lora, load_base_model
+    from iaif.training.lora import add_lora, load_base_model
 
     model = add_lora(load_base_model(ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32")),
                      LoraSettings(r=8, alpha=16, dropout=0.0))
@@ -180,11 +180,11 @@ def test_adam_features_from_a_warmup_checkpoint(tiny_model_dir: Path, data_file:
     """Store rows == Γ of brute-force per-example gradients with the saved moments, projected."""
     from peft import PeftModel
 
-    from selection.features.per_example_grads import find_lora_matrices, per_example_loss
-    from selection.features.projection import KroneckerProjector
-    from training.checkpoint import save_checkpoint
-    from training.data import load_examples, tokenize_examples
-    from training.lora import add_lora, load_base_model, load_tokenizer
+    from iaif.selection.features.per_example_grads import find_lora_matrices, per_example_loss
+    from iaif.selection.features.projection import KroneckerProjector
+    from iaif.training.checkpoint import save_checkpoint
+    from iaif.training.data import load_examples, tokenize_examples
+    from iaif.training.lora import add_lora, load_base_model, load_tokenizer
 
     mcfg = ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32")
     torch.manual_seed(0)

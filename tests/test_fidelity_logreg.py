@@ -9,13 +9,13 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from evaluation.fidelity.datasets import Split
-from evaluation.fidelity.estimate import ESTIMATORS, estimate_groups
-from evaluation.fidelity.hessian import cg_curvature, exact_curvature
-from evaluation.fidelity.models import FlatModel, build_model
-from evaluation.fidelity.objective import Problem
-from evaluation.fidelity.retrain import FitSettings, fit
-from selection.estimators import ef_group_estimate, group_estimate, pairwise_interaction
+from iaif.evaluation.fidelity.datasets import Split
+from iaif.evaluation.fidelity.estimate import ESTIMATORS, estimate_groups
+from iaif.evaluation.fidelity.hessian import cg_curvature, exact_curvature
+from iaif.evaluation.fidelity.models import FlatModel, build_model
+from iaif.evaluation.fidelity.objective import Problem
+from iaif.evaluation.fidelity.retrain import FitSettings, fit
+from iaif.selection.estimators import ef_group_estimate, group_estimate, pairwise_interaction
 
 TIGHT = FitSettings(max_iter=5000, tol_grad=1e-10)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.fidelity import retrain
-from evaluation.fidelity.benchmark import FidelityConfig, run_fidelity
-from evaluation.fidelity.datasets import load_split, read_idx
-from evaluation.fidelity.groups import GroupSettings, draw_groups, size_grid
-from training.data import DataError
+from iaif.evaluation.fidelity import retrain
+from iaif.evaluation.fidelity.benchmark import FidelityConfig, run_fidelity
+from iaif.evaluation.fidelity.datasets import load_split, read_idx
+from iaif.evaluation.fidelity.groups import GroupSettings, draw_groups, size_grid
+from iaif.training.data import DataError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,25 +4,26 @@ numbers equal lm-eval's result files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from iaif.pipeline import PipelineConfig, _compose, run_pipeline
 from iaif.config import config_from_dict
+from iaif.pipeline import PipelineConfig, _compose, run_pipeline
 
 SMALL = {
     "seeds": [0, 1], "fraction": 0.1, "max_length": 128,
     "demo_data": {"per_target_family": 20, "per_other_family": 10, "num_filler": 10, "clusters_per_target": 2,
                   "cluster_size": 4, "validation_size": 4, "test_size": 6, "num_countries": 10},
     "warmup": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-               "training": {"num_epochs": 2, "learning_rate": 1e-3, "effective_batch_size": 4, "per_device_batch_size": 4, "warmup_ratio": 0.0}},
+               "training": {"num_epochs": 2, "learning_rate": 1e-3, "effective_batch_size": 4, "per_device_batch_size": 4,
+                            "warmup_ratio": 0.0}},
     "extract": {"dim": 128},
     "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-              "training": {"num_epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 4, "per_device_batch_size": 4, "warmup_ratio": 0.0}},
+              "training": {"num_epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 4, "per_device_batch_size": 4,
+                            "warmup_ratio": 0.0}},
     "eval": {"batch_size": 8, "max_gen_toks": 8, "dtype": "float32", "limit": 4},
 }
 
@@ -70,7 +71,6 @@ def test_warmup_step_runs_then_is_skipped(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("selection.select") is None, reason="selection.select (issue 4) not in the tree yet")
 def test_full_small_pipeline_report_matches_lm_eval(tmp_path, tiny_model_dir):
     report = run_pipeline(_config(tmp_path, tiny_model_dir))
     results = json.loads((report.parent / "results.json").read_text())

@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 import torch
 
-from selection.baselines.less import less_scores, less_select
-from selection.baselines.random_subset import balanced_quotas, random_select
-from selection.baselines.rds import position_weighted_mean
-from selection.baselines.similarity import similarity_select
-from selection.influence import CheckpointFeatures, FeatureError, influence_matrix
+from iaif.selection.baselines.less import less_scores, less_select
+from iaif.selection.baselines.random_subset import balanced_quotas, random_select
+from iaif.selection.baselines.rds import position_weighted_mean
+from iaif.selection.baselines.similarity import similarity_select
+from iaif.selection.influence import CheckpointFeatures, FeatureError, influence_matrix
 
 
 def test_less_reproduces_hand_ranking():

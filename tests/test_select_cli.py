@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from iaif.cli import main
-from selection.attribute import AttributeConfig, run_attribute
-from selection.estimators import ef_group_estimate
-from selection.features.store import StoreMismatchError
-from selection.influence import FeatureError
-from selection.select import SelectConfig, duplicate_rate, run_select
-from training.data import DataConfig, load_examples
+from iaif.selection.attribute import AttributeConfig, run_attribute
+from iaif.selection.estimators import ef_group_estimate
+from iaif.selection.features.store import StoreMismatchError
+from iaif.selection.influence import FeatureError
+from iaif.selection.select import SelectConfig, duplicate_rate, run_select
+from iaif.training.data import DataConfig, load_examples
 
 DIM = 6
 

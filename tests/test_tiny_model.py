@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from training.tiny_model import MARKER_FILE, TinyModelConfig, build_tiny_model
+from iaif.demo.tiny_model import MARKER_FILE, TinyModelConfig, build_tiny_model
 
 
 def test_loads_with_from_pretrained(tiny_model_dir: Path) -> None:

@@ -12,14 +12,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import warmup as warmup_module
-from training.checkpoint import (
-    OPTIMIZER_FILE, CheckpointError, adapter_key, checkpoint_dir, list_checkpoints, load_checkpoint,
+from iaif.training import warmup as warmup_module
+from iaif.training.checkpoint import (
+    OPTIMIZER_FILE,
+    CheckpointError,
+    adapter_key,
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
 )
-from training.data import IGNORE_INDEX, DataConfig, load_examples, tokenize_examples
-from training.finetune import TrainConfig, TrainingSettings, run_train
-from training.lora import LoraSettings, ModelConfig, load_adapter, load_base_model, load_tokenizer
-from training.warmup import EpochCheckpointCallback, WarmupConfig, run_warmup
+from iaif.training.data import IGNORE_INDEX, DataConfig, load_examples, tokenize_examples
+from iaif.training.finetune import TrainConfig, TrainingSettings, run_train
+from iaif.training.lora import LoraSettings, ModelConfig, load_adapter, load_base_model, load_tokenizer
+from iaif.training.warmup import EpochCheckpointCallback, WarmupConfig, run_warmup
 
 
 def write_pool(path: Path, n: int, seed: int = 0, selected: bool = False) -> Path:
@@ -116,7 +121,7 @@ def test_optimizer_state_is_keyed_by_adapter_parameter_names(warmup_run):
     for name, entry in ckpt.state.items():
         assert tuple(entry["exp_avg"].shape) == shapes[name] and entry["step"] == 9
     # the extractor's Adam features take the state as saved
-    from selection.features.adam import AdamPreconditioner
+    from iaif.selection.features.adam import AdamPreconditioner
 
     pre = AdamPreconditioner(ckpt.state, ckpt.betas, ckpt.eps, shapes)
     name = next(iter(shapes))

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.collate import PaddingCollator, TokenizedDataset
-from training.data import IGNORE_INDEX, DataConfig, TokenizedExample
-from training.finetune import TrainConfig, TrainingSettings, gradient_accumulation_steps, run_train
-from training.lora import LoraSettings, ModelConfig, add_lora, adapter_hash, load_tokenizer, resolve_precision
+from iaif.training.collate import PaddingCollator, TokenizedDataset
+from iaif.training.data import IGNORE_INDEX, DataConfig, TokenizedExample
+from iaif.training.finetune import TrainConfig, TrainingSettings, gradient_accumulation_steps, run_train
+from iaif.training.lora import LoraSettings, ModelConfig, adapter_hash, add_lora, load_tokenizer, resolve_precision
 
 
 def test_collator_pads_right_and_masks_labels():
@@ -76,7 +76,7 @@ def test_qlora_nf4_run(qlora_model_dir: Path, tmp_path: Path):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install iaif[qlora])")
     from bitsandbytes.nn import Params4bit
 
-    from training.lora import load_base_model
+    from iaif.training.lora import load_base_model
 
     model_cfg = ModelConfig(name_or_path=str(qlora_model_dir), precision="4bit")
     try:
@@ -105,7 +105,7 @@ def test_build_trainer_full_parameter_training_as_for_pretraining(tiny_model_dir
     """The shared Trainer factory also trains a plain (non-LoRA) model by steps, without checkpoints."""
     from transformers import AutoModelForCausalLM
 
-    from training.finetune import build_trainer
+    from iaif.training.finetune import build_trainer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from training.lora import adapter_hash
+from iaif.training.lora import adapter_hash
 
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer_state.pt"

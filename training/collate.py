@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from training.data import IGNORE_INDEX, TokenizedExample
+from iaif.training.data import IGNORE_INDEX, TokenizedExample
 
 
 class TokenizedDataset(Dataset):

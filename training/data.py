@@ -12,9 +12,10 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ TULU_CHAT_TEMPLATE = (
     "{% if loop.last and add_generation_prompt and message['role'] != 'assistant' %}{{ '<|assistant|>\\n' }}{% endif %}"
     "{% endfor %}"
 )
-"""Jinja chat template that renders exactly the Tulu text of ``training.data.render(template="tulu")``:
+"""Jinja chat template that renders exactly the Tulu text of ``iaif.training.data.render(template="tulu")``:
 ``<|user|>\\n…\\n<|assistant|>\\n…</s>``, turns joined by a newline, no trailing newline."""
 
 
@@ -262,7 +263,8 @@ def record_to_messages(rec: dict[str, Any], src: str, line: int) -> tuple[Messag
             Message("user", _text(rec, "question", src, line)),
             Message("assistant", _text(rec, "answer", src, line)),
         )
-    partial = {"instruction": "output", "output": "instruction", "prompt": "completion", "completion": "prompt", "question": "answer", "answer": "question"}
+    partial = {"instruction": "output", "output": "instruction", "prompt": "completion", "completion": "prompt",
+               "question": "answer", "answer": "question"}
     for have, need in partial.items():
         if have in rec:
             raise DataError(src, line, need, f"missing (record has '{have}')")

@@ -15,17 +15,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import yaml
 
-from training.collate import PaddingCollator, TokenizedDataset
-from training.data import DataConfig, Example, Exclusion, TokenizedExample, load_examples, tokenize_examples
-from training.lora import LoraSettings, ModelConfig, add_lora, load_base_model, load_tokenizer, resolve_precision
-from training.provenance import CONFIG_FILE, config_to_dict, write_run_info
+from iaif.common.provenance import CONFIG_FILE, config_to_dict, write_run_info
+from iaif.training.collate import PaddingCollator, TokenizedDataset
+from iaif.training.data import DataConfig, Example, Exclusion, TokenizedExample, load_examples, tokenize_examples
+from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_base_model, load_tokenizer, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def build_trainer(
     from transformers import Trainer
 
     if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token id (load it with training.lora.load_tokenizer)")
+        raise ValueError("tokenizer has no pad token id (load it with iaif.training.lora.load_tokenizer)")
     return Trainer(
         model=model,
         args=training_arguments(settings, output_dir, precision),

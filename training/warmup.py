@@ -12,16 +12,17 @@ import json
 import logging
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from training.checkpoint import checkpoint_dir, save_checkpoint
-from training.data import Example, load_examples
-from training.finetune import TrainConfig, train_adapter, write_summary
+from iaif.training.checkpoint import checkpoint_dir, save_checkpoint
+from iaif.training.data import Example, load_examples
+from iaif.training.finetune import TrainConfig, train_adapter, write_summary
 
 logger = logging.getLogger(__name__)
 

@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.fidelity.datasets import default_data_dir, load_split
-from evaluation.fidelity.estimate import estimate_groups
-from evaluation.fidelity.groups import GroupSettings, draw_groups, projected_gradients
-from evaluation.fidelity.hessian import build_curvature
-from evaluation.fidelity.models import FlatModel, ModelKind, build_model
-from evaluation.fidelity.objective import Problem
-from evaluation.fidelity.report import PairResult, markdown_table, scatter_plot, target_checks, write_results
-from evaluation.fidelity.retrain import FitSettings, RetrainCache, leave_group_out
-from training.provenance import write_run_info
+from iaif.common.provenance import write_run_info
+from iaif.evaluation.fidelity.datasets import default_data_dir, load_split
+from iaif.evaluation.fidelity.estimate import estimate_groups
+from iaif.evaluation.fidelity.groups import GroupSettings, draw_groups, projected_gradients
+from iaif.evaluation.fidelity.hessian import build_curvature
+from iaif.evaluation.fidelity.models import FlatModel, ModelKind, build_model
+from iaif.evaluation.fidelity.objective import Problem
+from iaif.evaluation.fidelity.report import PairResult, markdown_table, scatter_plot, target_checks, write_results
+from iaif.evaluation.fidelity.retrain import FitSettings, RetrainCache, leave_group_out
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class FidelityConfig:
     data_dir: str = ""
     """data folder; empty = $IAIF_SHARED_DATA, else ../shared/data next to the repository"""
     pairs: list[str] = field(default_factory=list)
-    """pairs to run (names in evaluation.fidelity.benchmark.PAIRS); empty = the default suite:
+    """pairs to run (names in iaif.evaluation.fidelity.benchmark.PAIRS); empty = the default suite:
     the data-folder suite when the folder exists, else the scikit-learn suite"""
     seed: int = 0
     """seed of the data split, the groups and the first initialisation"""
@@ -126,7 +126,8 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     model = FlatModel(build_model(spec.model, input_shape, split.num_outputs, spec.hidden, spec.activation))
     problem = Problem(model, split, spec.l2)
     seeds = [cfg.seed] if spec.convex else [cfg.seed + s for s in range(cfg.nonconvex_seeds)]
-    fingerprint = hashlib.sha1(json.dumps([asdict(spec), cfg.seed, cfg.fit.tol_grad, cfg.fit.max_iter, torch.__version__], sort_keys=True).encode()).hexdigest()[:12]
+    key = [asdict(spec), cfg.seed, cfg.fit.tol_grad, cfg.fit.max_iter, torch.__version__]
+    fingerprint = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     caches = [RetrainCache(cache_root / name, fingerprint, s) for s in seeds]
     inits = [model.init_params(s) for s in seeds]
     thetas = [c.full_model(problem, th0, cfg.fit) for c, th0 in zip(caches, inits)]

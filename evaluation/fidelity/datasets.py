@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from training.data import DataError
+from iaif.training.data import DataError
 
 Task = Literal["multiclass", "binary", "regression"]
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "concrete", "parkinsons", "digits", "breast_cancer", "diabetes", "wine")
@@ -97,7 +97,8 @@ def load_split(
         x, y = _csv_table(root / "uci_concrete" / "Concrete_Data.csv", ";", target="Concrete compressive strength", drop=())
         task = "regression"
     else:
-        x, y = _csv_table(root / "uci_parkinsons_telemonitoring" / "parkinsons_updrs.data", ",", target="total_UPDRS", drop=_PARKINSONS_DROP)
+        table = root / "uci_parkinsons_telemonitoring" / "parkinsons_updrs.data"
+        x, y = _csv_table(table, ",", target="total_UPDRS", drop=_PARKINSONS_DROP)
         task = "regression"
     if x.ndim == 4:
         x = _pool(x.astype(np.float64) / 255.0, downsample)

@@ -1,4 +1,4 @@
-"""The four removal estimators of the benchmark, evaluated per group with ``selection.estimators``.
+"""The four removal estimators of the benchmark, evaluated per group with ``iaif.selection.estimators``.
 
 For a group S: g_S = Σ_{a∈S} ∇ℓ_a(θ*), u_S = (1/n)(H + δI)⁻¹ g_S (one IHVP), then
 * ``first_order``: Σ_{a∈S} I(a) = ∇fᵀu_S;
@@ -11,21 +11,22 @@ For a group S: g_S = Σ_{a∈S} ∇ℓ_a(θ*), u_S = (1/n)(H + δI)⁻¹ g_S (on
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.func import grad
 from tqdm import tqdm
 
-from evaluation.fidelity.hessian import Curvature
-from evaluation.fidelity.objective import Problem, hvp_of
-from selection.estimators import basu_group_displacement, ef_group_estimate, group_estimate
+from iaif.evaluation.fidelity.hessian import Curvature
+from iaif.evaluation.fidelity.objective import Problem, hvp_of
+from iaif.selection.estimators import basu_group_displacement, ef_group_estimate, group_estimate
 
 ESTIMATORS = ("first_order", "interaction_exact", "interaction_ef", "basu")
 
 
-def estimate_groups(problem: Problem, theta: torch.Tensor, curvature: Curvature, groups: Sequence[np.ndarray], label: str = "estimate") -> np.ndarray:
+def estimate_groups(problem: Problem, theta: torch.Tensor, curvature: Curvature, groups: Sequence[np.ndarray],
+                    label: str = "estimate") -> np.ndarray:
     """[G, 4] predicted f(θ_{-S}) − f(θ*) per group, columns in ``ESTIMATORS`` order."""
     grad_f = grad(problem.target)(theta)
     g_target = problem.per_example_grads(theta, problem.data.x_target, problem.data.y_target)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from evaluation.fidelity.objective import Problem
-from evaluation.fidelity.retrain import group_key
+from iaif.evaluation.fidelity.objective import Problem
+from iaif.evaluation.fidelity.retrain import group_key
 
 COHERENT_KINDS = ("class", "feature_cluster", "gradient_cluster")
 

@@ -13,15 +13,16 @@ and how many were raised is reported.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, cg
 from torch.func import vmap
 
-from evaluation.fidelity.objective import Problem, hvp_of
+from iaif.evaluation.fidelity.objective import Problem, hvp_of
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ every example's output depends on that example only, as influence functions assu
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn

@@ -6,15 +6,15 @@ the regulariser is never removed), and the target f(θ) = mean loss over the hel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
 
-from evaluation.fidelity.datasets import Split, Task
-from evaluation.fidelity.models import FlatModel
+from iaif.evaluation.fidelity.datasets import Split, Task
+from iaif.evaluation.fidelity.models import FlatModel
 
 
 def example_losses(task: Task, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
 
-from evaluation.fidelity.estimate import ESTIMATORS  # noqa: E402
+from iaif.evaluation.fidelity.estimate import ESTIMATORS  # noqa: E402
 
 SUBSETS = ("random", "coherent", "all")
 LABELS = {"first_order": "first-order", "interaction_exact": "interaction (exact H_f)",
@@ -55,7 +55,8 @@ class PairResult:
 
 def markdown_table(results: list[PairResult]) -> str:
     """One row per pair × estimator: Spearman and Pearson on random, coherent and all groups."""
-    head = "| pair | estimator | " + " | ".join(f"Spearman {s}" for s in SUBSETS) + " | " + " | ".join(f"Pearson {s}" for s in SUBSETS) + " |"
+    columns = [f"Spearman {s}" for s in SUBSETS] + [f"Pearson {s}" for s in SUBSETS]
+    head = "| pair | estimator | " + " | ".join(columns) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(SUBSETS))]
     for res in results:
         corr = res.correlations()

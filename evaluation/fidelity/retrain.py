@@ -18,15 +18,15 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluation.fidelity.objective import Problem
+from iaif.evaluation.fidelity.objective import Problem
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
-from training.data import write_jsonl
+from iaif.evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
+from iaif.training.data import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def build_tasks(
 ) -> BuiltTasks:
     """Convert local data and write lm-eval task YAMLs under ``out_dir``.
 
-    ``benchmarks``: names from :data:`evaluation.tasks.sources.BENCHMARKS`, read from ``data_dir``
+    ``benchmarks``: names from :data:`iaif.evaluation.tasks.sources.BENCHMARKS`, read from ``data_dir``
     (default :func:`default_data_dir`). ``demo_targets``: a ``targets/`` folder of the demo data;
     ``demo_tasks`` picks some of its tasks (default: all). ``max_subtasks`` keeps the first N
     subtasks of multi-part benchmarks (quick runs). ``num_fewshot`` overrides per short name."""

@@ -2,7 +2,7 @@
 flat records the task templates in ``templates/`` expect.
 
 Each reader returns a list of :class:`Subtask`: a name, the scored records, optional few-shot
-records, and task-specific YAML keys. Bad input raises :class:`training.data.DataError` naming the
+records, and task-specific YAML keys. Bad input raises :class:`iaif.training.data.DataError` naming the
 file and line.
 """
 
@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from training.data import DataError, read_jsonl
+from iaif.training.data import DataError, read_jsonl
 
 Record = dict[str, Any]
 
@@ -226,7 +227,8 @@ def read_commonsenseqa(data_dir: Path) -> list[Subtask]:
         key = _need(r, "answerKey", path, i)
         if key not in labels:
             raise DataError(str(path), i, "answerKey", f"'{key}' is not one of {labels}")
-        records.append({"query": f"Question: {q['stem']}\nAnswer:", "choices": [c["text"] for c in q["choices"]], "gold": labels.index(key)})
+        choices = [c["text"] for c in q["choices"]]
+        records.append({"query": f"Question: {q['stem']}\nAnswer:", "choices": choices, "gold": labels.index(key)})
     return [Subtask("", records)]
 
 
@@ -280,7 +282,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 
 # ------------------------------------------------------------------------------------------
-# Demo target tasks (training.demo_data)
+# Demo target tasks (iaif.demo.demo_data)
 # ------------------------------------------------------------------------------------------
 
 DEMO_METRIC = "exact_match,none"

@@ -1,3 +1,3 @@
 """Baselines on the same pool and stores: random, LESS, representation similarity (RDS+) and a
 sentence-embedding variant. First-order top-k is the λ = 0 path of the interaction-aware selector
-(``selection.select``)."""
+(``iaif.selection.select``)."""

@@ -7,12 +7,12 @@ name is a local folder; a Hub name needs the model in the local cache when offli
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from training.data import Example
+from iaif.training.data import Example
 
 
 def example_text(example: Example) -> str:

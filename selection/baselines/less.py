@@ -6,7 +6,7 @@ examples of each subtask, then the maximum over subtasks; the top k are selected
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -4,12 +4,12 @@ mean pooling (weight of token i ∝ i, padding excluded), L2-normalised."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from training.data import Example, Template, render
+from iaif.training.data import Example, Template, render
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ looked up by parameter name (no bias correction, as in LESS)."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -36,15 +36,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selection.features.adam import AdamPreconditioner
-from selection.features.batching import group_shards, token_budget_batches
-from selection.features.per_example_grads import (LoraGradientHooks, LoraMatrix, Relabel, backward_per_example,
-                                                  find_lora_matrices)
-from selection.features.projection import DenseProjector, KroneckerProjector, ProjectionKind
-from selection.features.store import META_FILE, ShardWriter, StoreMismatchError, require_match
-from training.collate import PaddingCollator
-from training.data import IGNORE_INDEX, TULU_ASSISTANT, TULU_SYSTEM, TULU_USER, DataConfig, TokenizedExample, load_examples, tokenize_examples
-from training.lora import LoraSettings, ModelConfig
+from iaif.selection.features.adam import AdamPreconditioner
+from iaif.selection.features.batching import group_shards, token_budget_batches
+from iaif.selection.features.per_example_grads import LoraGradientHooks, LoraMatrix, Relabel, backward_per_example, find_lora_matrices
+from iaif.selection.features.projection import DenseProjector, KroneckerProjector, ProjectionKind
+from iaif.selection.features.store import META_FILE, ShardWriter, StoreMismatchError, require_match
+from iaif.training.collate import PaddingCollator
+from iaif.training.data import (
+    IGNORE_INDEX,
+    TULU_ASSISTANT,
+    TULU_SYSTEM,
+    TULU_USER,
+    DataConfig,
+    TokenizedExample,
+    load_examples,
+    tokenize_examples,
+)
+from iaif.training.lora import LoraSettings, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +175,7 @@ class LoraFeaturizer:
 def sample_generator_seed(sample_seed: int, example_id: str, r: int) -> int:
     """Seed of draw ``r`` of example ``example_id``: the first 8 bytes of
     sha256(f"{sample_seed}/{r}/{example_id}") read big-endian, modulo 2**63."""
-    digest = hashlib.sha256(f"{sample_seed}/{r}/{example_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{sample_seed}/{r}/{example_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 2**63
 
 
@@ -216,8 +224,9 @@ def template_hash(template: str, tokenizer: Any) -> str:
 
 def _load_model(cfg: ExtractConfig, device: torch.device) -> tuple[Any, dict[str, Any], AdamPreconditioner | None]:
     """(PeftModel on ``device``, checkpoint metadata for the store, Adam preconditioner or None)."""
-    from training.checkpoint import META_FILE as CHECKPOINT_META, load_checkpoint
-    from training.lora import adapter_hash, add_lora, load_adapter, load_base_model
+    from iaif.training.checkpoint import META_FILE as CHECKPOINT_META
+    from iaif.training.checkpoint import load_checkpoint
+    from iaif.training.lora import adapter_hash, add_lora, load_adapter, load_base_model
 
     adam = None
     if not cfg.checkpoint:
@@ -268,8 +277,8 @@ def run_extract(cfg: ExtractConfig) -> Path:
     """Compute the store (or finish a killed run of it) and return its folder."""
     from accelerate import PartialState
 
-    from training.lora import load_tokenizer
-    from training.provenance import package_version, write_run_info
+    from iaif.common.provenance import package_version, write_run_info
+    from iaif.training.lora import load_tokenizer
 
     if not cfg.output_dir:
         raise ValueError("output_dir: no output folder given")

@@ -12,15 +12,16 @@ autograd computes the δ's and no weight gradient at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selection.features.projection import KroneckerProjector
-from training.data import IGNORE_INDEX
+from iaif.selection.features.projection import KroneckerProjector
+from iaif.training.data import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class LoraGradientHooks:
         """How many gradients each matrix received (exactly one per backward when all is well)."""
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> "LoraGradientHooks":
+    def __enter__(self) -> LoraGradientHooks:
         for matrix in self.matrices:
             self._handles.append(matrix.module.register_forward_hook(self._forward_hook(matrix)))
         return self

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class FeatureStore:
     meta: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path, expect: Mapping[str, Any] | None = None) -> "FeatureStore":
+    def open(cls, path: str | Path, expect: Mapping[str, Any] | None = None) -> FeatureStore:
         """Open a finished store; with ``expect``, every given meta key must have that value."""
         path = Path(path)
         if not (path / META_FILE).is_file():
@@ -72,7 +73,7 @@ class FeatureStore:
             require_match(meta, expect, list(expect), f"{path}")
         return cls(path, features, ids, meta)
 
-    def check_compatible(self, other: "FeatureStore", same_dataset: bool) -> None:
+    def check_compatible(self, other: FeatureStore, same_dataset: bool) -> None:
         """Refuse to combine with a store of another model, template or projection (and, with
         ``same_dataset``, of another dataset: e.g. one pool at several checkpoints)."""
         keys = MODEL_KEYS + PROJECTION_KEYS + (DATASET_KEYS if same_dataset else ())

@@ -1,7 +1,7 @@
 """A tiny offline Llama-architecture base model and tokenizer, built from generated text.
 
 :func:`build_tiny_model` trains a byte-level BPE tokenizer (``tokenizers``) on the pretraining
-corpus of :mod:`training.demo_data`, pre-trains a randomly initialised ``LlamaForCausalLM`` on it
+corpus of :mod:`iaif.demo.demo_data`, pre-trains a randomly initialised ``LlamaForCausalLM`` on it
 with ``transformers.Trainer`` on CPU, and saves a normal Hugging Face folder (model, tokenizer,
 Tulu chat template) that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load.
 
@@ -19,9 +19,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data import TULU_CHAT_TEMPLATE
-from training.demo_data import EOS, pretraining_corpus
-from training.provenance import config_to_dict, write_run_info
+from iaif.common.provenance import config_to_dict, write_run_info
+from iaif.demo.demo_data import EOS, pretraining_corpus
+from iaif.training.data import TULU_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def _packed_blocks(corpus: list[str], tokenizer, seq_len: int) -> list[dict[str,
 def _pretrain(cfg: TinyModelConfig, tokenizer, corpus: list[str], work_dir: Path):
     from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
-    from training.data import TokenizedExample
-    from training.finetune import TrainingSettings, build_trainer
+    from iaif.training.data import TokenizedExample
+    from iaif.training.finetune import TrainingSettings, build_trainer
 
     set_seed(cfg.seed)
     model_cfg = LlamaConfig(

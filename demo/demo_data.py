@@ -22,7 +22,7 @@ Pool records' ``task`` is the family name; ``meta`` = {"family", "cluster" (or n
 ``meta.correct_answer`` the right one.
 
 :func:`pretraining_corpus` gives Tulu-format text of the *non-target* families for the tiny base
-model (:mod:`training.tiny_model`), so the base model knows the format and the vocabulary but not
+model (:mod:`iaif.demo.tiny_model`), so the base model knows the format and the vocabulary but not
 the target tasks.
 """
 
@@ -32,13 +32,14 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import AbstractSet, Callable
 
-from training.data import Example, Message, render, write_jsonl
-from training.provenance import write_run_info
+from iaif.common.provenance import write_run_info
+from iaif.training.data import Example, Message, render, write_jsonl
 
 logger = logging.getLogger(__name__)
 

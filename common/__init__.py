@@ -1,0 +1,1 @@
+"""Plumbing every layer shares: run provenance, atomic file writes, the process rank."""
