@@ -80,7 +80,8 @@ def _benchmark_records(data: Path, task: str) -> list[tuple[str, str, str]]:
 
 
 def prepare(cfg: PipelineConfig, data: Path, per_source: int, alpaca: int, per_task: int) -> dict[str, Any]:
-    """Write the pool and the target files the config names (when missing); return what was written."""
+    """Write the pool and the target files the config names (when missing); return their sizes and how
+    many benchmark questions were skipped because their matched FLAN file holds them."""
     info: dict[str, Any] = {"pool": {}, "targets": {}}
     if not Path(cfg.pool).is_file():
         records = []
@@ -92,21 +93,19 @@ def prepare(cfg: PipelineConfig, data: Path, per_source: int, alpaca: int, per_t
         write_jsonl(cfg.pool, records)
     info["pool"] = dict(Counter(e.task for e in load_examples(cfg.pool)))
     for task, path in cfg.targets.items():
+        seen = _flan_questions(data, MATCHED_SOURCE[task].removeprefix("flan_"))
+        rows, skipped = [], 0
+        for stem, user, answer in _benchmark_records(data, task):
+            if _norm(stem) in seen:
+                skipped += 1
+                continue
+            rows.append({"id": f"{task}/{len(rows)}", "task": task,
+                         "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+            if len(rows) == per_task:
+                break
         if not Path(path).is_file():
-            seen = _flan_questions(data, MATCHED_SOURCE[task].removeprefix("flan_"))
-            rows, skipped = [], 0
-            for stem, user, answer in _benchmark_records(data, task):
-                if _norm(stem) in seen:
-                    skipped += 1
-                    continue
-                rows.append({"id": f"{task}/{len(rows)}", "task": task,
-                             "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
-                if len(rows) == per_task:
-                    break
             write_jsonl(path, rows)
-            info["targets"][task] = {"written": len(rows), "skipped_in_pool_source_file": skipped}
-        else:
-            info["targets"][task] = {"written": len(load_examples(path))}
+        info["targets"][task] = {"examples": len(load_examples(path)), "skipped_in_pool_source_file": skipped}
     return info
 
 
