@@ -7,7 +7,8 @@ Steps, in order (``OUT`` = ``output_dir``):
 3. ``extract`` — per checkpoint: Adam features of the pool and plain-gradient features of each
    target task (``OUT/features/epoch{E}/{pool,target-<task>}``);
 4. ``select``  — every method at the same budget (``OUT/select/<method>[-s<seed>]``; only the
-   seeded methods, e.g. random, make one selection per seed);
+   seeded methods, e.g. random, make one selection per seed; with ``select_per_target`` one per
+   target task, ``OUT/select/<task>/<method>[-s<seed>]``);
 5. ``train``   — one adapter per method and seed (``OUT/train/<method>-s<seed>``);
 6. ``eval``    — lm-eval on the base model and every adapter (``OUT/eval/<method>-s<seed>``, ``OUT/eval/base``);
 7. ``report``  — ``OUT/report/report.md``, ``results.json`` and plots.
