@@ -1,12 +1,13 @@
-"""A tiny offline Llama-architecture base model and tokenizer, built from generated text.
+"""A tiny offline Llama-architecture base model and tokenizer, built from generated or local text.
 
 :func:`build_tiny_model` trains a byte-level BPE tokenizer (``tokenizers``) on the pretraining
-corpus of :mod:`iaif.demo.demo_data`, pre-trains a randomly initialised ``LlamaForCausalLM`` on it
+corpus (the generated conversations of :mod:`iaif.demo.demo_data`, or with ``corpus`` the examples
+of local data files, rendered in the Tulu format), pre-trains a randomly initialised ``LlamaForCausalLM`` on it
 with ``transformers.Trainer`` on CPU, and saves a normal Hugging Face folder (model, tokenizer,
 Tulu chat template) that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load.
 
-The result is cached: the folder records a hash of the config, and a second call with the same
-config returns it at once. Same config (seed included) -> identical weights.
+The result is cached: the folder records a hash of the config (and of the corpus files' contents),
+and a second call with the same config returns it at once. Same config (seed included) -> identical weights.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from iaif.common.provenance import config_to_dict, write_run_info
 from iaif.demo.demo_data import EOS, pretraining_corpus
-from iaif.training.data import TULU_CHAT_TEMPLATE
+from iaif.training.data import TULU_CHAT_TEMPLATE, DataConfig, DataError, load_examples, render
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +65,13 @@ class TinyModelConfig:
     """MLP width."""
     max_position_embeddings: int = 512
     """Longest sequence the model accepts."""
+    corpus: list[str] = field(default_factory=list)
+    """Local pretraining text: files the data layer reads (JSONL/JSON/Parquet, FLAN-v2 CoT TSV, Alpaca
+    JSON), each example rendered in the Tulu format. Empty: the generated demo conversations. The
+    files' contents (not their paths) are part of the cache key."""
     corpus_documents: int = 4000
-    """Generated pretraining conversations (also the tokenizer's training text)."""
+    """Pretraining documents (also the tokenizer's training text): generated conversations, or with
+    `corpus` at most this many examples drawn at random (seeded) from all corpus files together."""
     seq_len: int = 128
     """Tokens per pretraining block (documents are packed)."""
     pretrain_steps: int = 400
@@ -84,13 +92,36 @@ class TinyModelConfig:
 
     def config_hash(self) -> str:
         """12 hex digits identifying everything but the output folder."""
-        data = {k: v for k, v in config_to_dict(self).items() if k != "output_dir"}
+        data = {k: v for k, v in config_to_dict(self).items() if k not in ("output_dir", "corpus")}
         data["recipe_version"] = RECIPE_VERSION
+        if self.corpus:  # absent for the generated corpus, so the demo model keeps its key
+            data["corpus_sha256"] = [file_sha256(p) for p in self.corpus]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
     def resolved_output_dir(self) -> Path:
         """``output_dir``, or the cache folder keyed by :meth:`config_hash` when it is empty."""
         return Path(self.output_dir) if self.output_dir else default_cache_dir() / f"tiny-llama-{self.config_hash()}"
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a corpus file's bytes; a missing file is an error naming it."""
+    if not Path(path).is_file():
+        raise DataError(path, None, "corpus", "no such file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def text_corpus(paths: list[str], seed: int, num_documents: int) -> list[str]:
+    """The examples of the corpus files in the Tulu format (``</s>`` after each answer): all of
+    them, or ``num_documents`` drawn at random (seeded) when there are more."""
+    examples = [e for p in paths for e in load_examples(DataConfig(path=p))]
+    if len(examples) > num_documents:
+        examples = random.Random(f"corpus-{seed}").sample(examples, num_documents)
+    eos_only = SimpleNamespace(eos_token=EOS)
+    return [render(e, eos_only, "tulu")[0] for e in examples]
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int, model_max_length: int):
@@ -178,10 +209,13 @@ def build_tiny_model(cfg: TinyModelConfig) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not a tiny-model folder; choose another output_dir")
 
+    if cfg.corpus:  # read before anything is written: a bad file leaves nothing behind
+        corpus = text_corpus(cfg.corpus, cfg.seed, cfg.corpus_documents)
+    else:
+        corpus = pretraining_corpus(cfg.seed, cfg.corpus_documents)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    corpus = pretraining_corpus(cfg.seed, cfg.corpus_documents)
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.max_position_embeddings)
     model, stats = _pretrain(cfg, tokenizer, corpus, tmp)
     model.save_pretrained(tmp)

@@ -7,7 +7,8 @@ Steps, in order (``OUT`` = ``output_dir``):
 3. ``extract`` — per checkpoint: Adam features of the pool and plain-gradient features of each
    target task (``OUT/features/epoch{E}/{pool,target-<task>}``);
 4. ``select``  — every method at the same budget (``OUT/select/<method>[-s<seed>]``; only the
-   seeded methods, e.g. random, make one selection per seed);
+   seeded methods, e.g. random, make one selection per seed; with ``select_per_target`` one per
+   target task, ``OUT/select/<task>/<method>[-s<seed>]``);
 5. ``train``   — one adapter per method and seed (``OUT/train/<method>-s<seed>``);
 6. ``eval``    — lm-eval on the base model and every adapter (``OUT/eval/<method>-s<seed>``, ``OUT/eval/base``);
 7. ``report``  — ``OUT/report/report.md``, ``results.json`` and plots.
@@ -71,6 +72,9 @@ class PipelineConfig:
     """Local benchmarks to evaluate on (mmlu, bbh, tydiqa, gsm8k, ...); the demo adds its target tasks."""
     eval_base: bool = True
     """Also evaluate the base model without an adapter (the `base` row of the report)."""
+    select_per_target: bool = False
+    """Select once per target task (``OUT/select/<task>/<method>``) instead of once for all of them; a
+    selection-only analysis (e.g. which pool source each task draws on): train and eval need the joint selection."""
     steps: list[str] = field(default_factory=lambda: list(STEPS))
     """Steps to run (e.g. [warmup] for a separate multi-GPU job); the others must already be done when needed."""
     tiny_model: dict[str, Any] | None = None
@@ -212,26 +216,29 @@ def _selection_name(method: str, seed: int) -> str:
 
 
 def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, list[str]], ranks: _Ranks) -> dict[str, Path]:
-    """One selection per method (per seed for the seeded ones); returns name -> folder."""
+    """One selection per method (per seed for the seeded ones), for all target tasks together or
+    (``select_per_target``) per task; returns name (``<task>/<name>`` per task) -> folder."""
     chosen: dict[str, Path] = {}
-    for method in cfg.methods:
-        for seed in (cfg.seeds if method in SEEDED_METHODS else cfg.seeds[:1]):
-            name = _selection_name(method, seed)
-            folder = out / "select" / name
-            chosen[name] = folder
-            if _done(folder / "summary.json"):
-                continue
-            if "select" not in cfg.steps:
-                raise FileNotFoundError(f"{folder}: selection missing and step 'select' not requested")
-            base = {"method": method, "seed": seed, "pool": {"path": res.pool}, "model": res.model,
-                    "pool_stores": stores["pool"], "targets": list(res.targets.values()),
-                    "target_stores": [s for t in res.targets for s in stores[t]],
-                    "template": cfg.template, "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
-            if cfg.tiny_model is not None:  # offline demo: no sentence-transformers model, embed with the tiny LM (mean pooling)
-                base["embedder"] = res.model
-            if ranks.main:
-                _run_stage("select", _compose("select", base, cfg.select))
-            ranks.wait()
+    groups = {t: [t] for t in res.targets} if cfg.select_per_target else {"": list(res.targets)}
+    for group, tasks in groups.items():
+        for method in cfg.methods:
+            for seed in (cfg.seeds if method in SEEDED_METHODS else cfg.seeds[:1]):
+                name = str(Path(group, _selection_name(method, seed)))
+                folder = out / "select" / name
+                chosen[name] = folder
+                if _done(folder / "summary.json"):
+                    continue
+                if "select" not in cfg.steps:
+                    raise FileNotFoundError(f"{folder}: selection missing and step 'select' not requested")
+                base = {"method": method, "seed": seed, "pool": {"path": res.pool}, "model": res.model,
+                        "pool_stores": stores["pool"], "targets": [res.targets[t] for t in tasks],
+                        "target_stores": [s for t in tasks for s in stores[t]], "template": cfg.template,
+                        "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
+                if cfg.tiny_model is not None:  # offline: no sentence-transformers model, embed with the tiny LM (mean pooling)
+                    base["embedder"] = res.model
+                if ranks.main:
+                    _run_stage("select", _compose("select", base, cfg.select))
+                ranks.wait()
     return chosen
 
 
@@ -280,6 +287,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         raise ValueError(f"run: unknown method(s)/step(s) {unknown}; methods {ALL_METHODS}, steps {STEPS}")
     if not cfg.seeds:
         raise ValueError("run: `seeds` is empty")
+    if cfg.select_per_target and max(STEPS.index(s) for s in cfg.steps) > STEPS.index("select"):
+        raise ValueError("run: `select_per_target` makes per-task selections; train/eval/report need the joint one "
+                         "(use --steps up to select)")
     out = Path(cfg.output_dir)
     ranks = _Ranks()
     if ranks.main:

@@ -4,6 +4,7 @@ numbers equal lm-eval's result files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,3 +81,31 @@ def test_full_small_pipeline_report_matches_lm_eval(tmp_path, tiny_model_dir):
         for task in ("add", "capital", "larger"):
             seed = str(run["seed"])
             assert results["scores"][run["method"]][f"demo/{task}"]["per_seed"][seed] == lm[f"iaif_demo_{task}"]["exact_match,none"]
+
+
+def test_select_per_target_task(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, methods=["first-order", "random"], seeds=[0],
+                  select_per_target=True, steps=["warmup", "extract", "select"])
+    with pytest.raises(ValueError, match="select_per_target"):
+        run_pipeline(dataclasses.replace(cfg, steps=["select", "train"]))
+    run_pipeline(cfg)
+    out = tmp_path / "run"
+    tasks = ["add", "capital", "larger"]
+    for task in tasks:
+        for name in ("first-order", "random-s0"):
+            sel = yaml.safe_load((out / "select" / task / name / "config.yaml").read_text())
+            assert [Path(p).parent.name for p in sel["targets"]] == [task]  # .../targets/<task>/validation.jsonl
+    assert not (out / "select" / "first-order").exists()
+    # the per-task selection is the one `iaif select` makes by hand with that task's targets and stores only
+    from iaif.selection.select import SelectConfig, run_select, selected_ids
+    from iaif.training.data import DataConfig
+
+    data = out / "demo_data"
+    by_hand = run_select(SelectConfig(
+        method="first-order", pool=DataConfig(path=str(data / "pool.jsonl")), fraction=cfg.fraction,
+        targets=[str(data / "targets" / "capital" / "validation.jsonl")], output_dir=str(tmp_path / "by_hand"),
+        pool_stores=[str(out / "features" / f"epoch{e}" / "pool") for e in (1, 2)],
+        target_stores=[str(out / "features" / f"epoch{e}" / "target-capital") for e in (1, 2)]))
+    assert selected_ids(out / "select" / "capital" / "first-order" / "selected.jsonl") == selected_ids(by_hand / "selected.jsonl")
+    per_task = {t: set(selected_ids(out / "select" / t / "first-order" / "selected.jsonl")) for t in tasks}
+    assert per_task["add"] != per_task["capital"] and per_task["capital"] != per_task["larger"]

@@ -84,3 +84,53 @@ def test_cli_help() -> None:
                          capture_output=True, text=True, check=True).stdout.replace("-", "_")
     for flag in ("__seed", "__hidden_size", "__pretrain_steps", "__output_dir"):
         assert flag in out
+
+
+def _corpus_file(path: Path, word: str = "zyxwvut", n: int = 60) -> Path:
+    rows = [{"question": f"What does {word} number {i} mean?", "answer": f"The {word} {i} is a made-up word."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_model_from_a_local_corpus(tmp_path: Path, tiny_model_dir: Path) -> None:
+    corpus = _corpus_file(tmp_path / "corpus.jsonl")
+    cfg = TinyModelConfig.for_tests(output_dir=str(tmp_path / "m"))
+    cfg.corpus, cfg.seq_len = [str(corpus)], 32
+    out = build_tiny_model(cfg)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    text = "What does zyxwvut number 7 mean?"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    # the tokenizer was trained on this corpus: its frequent made-up word is (nearly) one token,
+    # while the tokenizer of the generated corpus spells it out in pieces
+    demo_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(tok.tokenize(" zyxwvut")) <= 2 < len(demo_tok.tokenize(" zyxwvut"))
+    built = json.loads((out / MARKER_FILE).read_text())
+    assert built["config"]["corpus"] == [str(corpus)] and built["config_hash"] == cfg.config_hash()
+
+
+def test_cache_key_follows_the_corpus_content(tmp_path: Path) -> None:
+    corpus = _corpus_file(tmp_path / "a.jsonl")
+    copy = tmp_path / "b.jsonl"
+    copy.write_bytes(corpus.read_bytes())
+    key = TinyModelConfig(corpus=[str(corpus)]).config_hash()
+    assert key != TinyModelConfig().config_hash()
+    assert TinyModelConfig(corpus=[str(copy)]).config_hash() == key  # same content elsewhere: same model
+    _corpus_file(corpus, word="qwertyz")
+    assert TinyModelConfig(corpus=[str(corpus)]).config_hash() != key
+
+
+def test_bad_corpus_file_is_named(tmp_path: Path) -> None:
+    from iaif.training.data import DataError
+
+    bad = _corpus_file(tmp_path / "bad.jsonl")
+    bad.write_text(bad.read_text() + '{"question": "no answer here"}\n')
+    cfg = TinyModelConfig.for_tests(output_dir=str(tmp_path / "m"))
+    cfg.corpus = [str(bad)]
+    with pytest.raises(DataError, match=r"bad\.jsonl:61: field 'answer' missing"):
+        build_tiny_model(cfg)
+    assert not any(tmp_path.glob("m*"))  # nothing half-written
+    cfg.corpus = [str(tmp_path / "absent.jsonl")]
+    with pytest.raises(DataError, match=r"absent\.jsonl: field 'corpus' no such file"):
+        build_tiny_model(cfg)
