@@ -225,7 +225,8 @@ def run_eval(cfg: EvalConfig) -> Path:
         gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
         apply_chat_template=settings["apply_chat_template"],
         fewshot_as_multiturn=settings["fewshot_as_multiturn"],
-        task_manager=TaskManager(include_path=include_path),
+        # indexing lm-eval's thousands of built-in task YAMLs takes ~10-20 s per run: only when asked for
+        task_manager=TaskManager(include_path=include_path, include_defaults=bool(cfg.lm_eval_tasks)),
         random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
     )
     if results is None:  # only non-zero ranks under distributed lm-eval

@@ -56,7 +56,7 @@ def test_demo_config_parses():
     from iaif.pipeline import demo_config
 
     cfg = demo_config()
-    assert set(cfg.methods) == {"interaction", "less", "first-order", "random", "rds", "embed"} and len(cfg.seeds) >= 2
+    assert set(cfg.methods) == {"interaction", "less", "first-order", "random", "rds", "embed"} and len(cfg.seeds) >= 3
 
 
 def test_warmup_step_runs_then_is_skipped(tmp_path, tiny_model_dir):
