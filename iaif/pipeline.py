@@ -10,8 +10,10 @@ Steps, in order (``OUT`` = ``output_dir``):
    seeded methods, e.g. random, make one selection per seed; with ``select_per_target`` one per
    target task, ``OUT/select/<task>/<method>[-s<seed>]``);
 5. ``train``   — one adapter per method and seed (``OUT/train/<method>-s<seed>``);
-6. ``eval``    — lm-eval on the base model and every adapter (``OUT/eval/<method>-s<seed>``, ``OUT/eval/base``);
-7. ``report``  — ``OUT/report/report.md``, ``results.json`` and plots.
+6. ``eval``    — lm-eval on the base model and every adapter (``OUT/eval/<method>-s<seed>``, ``OUT/eval/base``):
+   the headline metric of every task and, on the demo tasks, the answer NLL of the gold answers;
+7. ``report``  — ``OUT/report/report.md``, ``results.json`` and plots: a table per measure (mean ± std over
+   seeds, mean over tasks, best per task) and the diagnostics of every selection (``iaif.evaluation.diagnostics``).
 
 A step whose outputs exist is skipped (resume after an interruption: rerun the same command).
 Each stage's config is built from the pipeline-level fields below, then the YAML section of the
@@ -321,8 +323,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         return out
     from iaif.evaluation.report import write_report
 
-    report = write_report(runs, {name: folder / "summary.json" for name, folder in selections.items()},
-                          out / "report", title=f"iaif comparison: {Path(cfg.output_dir).name}")
+    report = write_report(runs, selections, out / "report", title=f"iaif comparison: {Path(cfg.output_dir).name}")
     finished("report", str(report))
     return report
 
@@ -333,7 +334,7 @@ def demo_config_path() -> Path:
 
 
 def demo_config() -> PipelineConfig:
-    """The embedded default: ``configs/demo.yaml`` (tiny model, generated data, every method, 2 seeds)."""
+    """The embedded default: ``configs/demo.yaml`` (tiny model, generated data, every method, 3 seeds)."""
     from iaif.config import config_from_yaml
 
     return config_from_yaml(PipelineConfig, demo_config_path())
