@@ -122,3 +122,31 @@ def test_shifted_target_parts_are_disjoint_and_imbalanced(bench):
                 assert have == total
             elif total:
                 assert have == max(1, round(0.2 * total))
+
+
+def test_stage_end_to_end_on_digits(tmp_path):
+    """The stage's wiring: every row is written, and a reported cell equals retraining by hand on
+    seed set ∪ the method's picks (pool rows mapped back to training rows) and scoring the test part."""
+    import json
+    import math
+
+    from iaif.evaluation.select_bench.benchmark import DATASETS, MODELS, SelectBenchConfig, run_select_bench
+    from iaif.selection.baselines.random_subset import random_select
+
+    cfg = SelectBenchConfig(output_dir=str(tmp_path), datasets=["digits"], models=["logreg"], methods=["first-order", "random"],
+                            budgets=[0.05], seeds=1, seed=3)
+    out = run_select_bench(cfg)
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["rows"]) == 2 * (2 + 2)  # per target: base, all-pool, two methods
+    assert (out / "plot_digits_logreg_shifted.png").is_file() and "| random |" in (out / "table.md").read_text()
+    cell = next(r for r in res["rows"] if r["method"] == "random" and r["target"] == "shifted")
+    data = load_bench_data(DATASETS["digits"], None, 3, cfg.heavy_classes, cfg.light_keep)
+    k = math.ceil(0.05 * len(data.pool_index))
+    assert cell["k"] == k
+    spec = MODELS["logreg"]
+    model = FlatModel(build_model("logreg", data.split.image_shape, 10))
+    trainer = SubsetTrainer(model, data.split, spec, model.init_params(3), cfg.fit, None, "by hand")
+    picks = data.pool_index[random_select(len(data.pool_index), k, 3)]
+    theta = trainer.fit(np.concatenate([data.seed_index, picks]))
+    ts = data.targets["shifted"]
+    assert trainer.metrics(theta, ts.x_test, ts.y_test)[0] == pytest.approx(cell["test_loss"], rel=1e-6)

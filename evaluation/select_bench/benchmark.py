@@ -117,15 +117,22 @@ def run_model(data: BenchData, ds: str, seed: int, model_name: str, cfg: SelectB
                 ds, model_name, seed, time.perf_counter() - t0, model.num_params, raised)
     rows: list[Row] = []
     n_pool = len(data.pool_index)
+    pool_labels = data.y(data.pool_index).numpy().astype(np.int64)
     for target in cfg.targets:
         ts = data.targets[target]
         common = {"dataset": ds, "model": model_name, "target": target, "seed": seed}
 
-        def row(method: str, budget: float, k: int, th: torch.Tensor, lam: float | None = None, ts=ts, common=common) -> Row:
+        def row(method: str, budget: float, k: int, th: torch.Tensor, picks: list[int] | None = None, lam: float | None = None,
+                ts=ts, common=common) -> Row:
             val, _ = trainer.metrics(th, ts.x_val, ts.y_val)
             loss, acc = trainer.metrics(th, ts.x_test, ts.y_test)
-            return {**common, "method": method, "budget": budget, "k": k, "lam": lam, "test_loss": loss, "test_acc": acc,
-                    "val_loss": val}
+            out = {**common, "method": method, "budget": budget, "k": k, "lam": lam, "test_loss": loss, "test_acc": acc,
+                   "val_loss": val}
+            if picks is not None:  # how the picks spread over classes (a diagnostic, not a metric)
+                labels = pool_labels[picks]
+                out["max_class_share"] = float(np.bincount(labels, minlength=split.num_outputs).max() / len(labels))
+                out["heavy_class_share"] = float(np.isin(labels, ts.heavy_classes).mean()) if ts.heavy_classes else None
+            return out
 
         rows += [row("base", 0.0, 0, theta), row("all-pool", 1.0, n_pool, theta_all)]
         t0 = time.perf_counter()
@@ -144,7 +151,7 @@ def run_model(data: BenchData, ds: str, seed: int, model_name: str, cfg: SelectB
                 for factor in factors:
                     picks = select(method, k, feats, pool_repr, target_repr, seed, cfg.lam, factor)
                     th = trainer.fit(np.concatenate([data.seed_index, data.pool_index[picks.indices]]))
-                    tried.append({**row(method, budget, k, th, picks.lam), "lam_factor": factor})
+                    tried.append({**row(method, budget, k, th, picks.indices, picks.lam), "lam_factor": factor})
                 best = min(tried, key=lambda r: r["val_loss"])  # λ chosen on the validation part only
                 rows.append({**best, "validation_choice": [{f: r[f] for f in ("lam_factor", "lam", "val_loss")} for r in tried]}
                             if len(tried) > 1 else best)

@@ -19,7 +19,8 @@ GOAL_MIN_BUDGET = 0.02
 
 
 def aggregate(rows: Sequence[Row]) -> dict[tuple, dict[str, float]]:
-    """{(dataset, model, target, method, budget): mean/std over seeds of test loss, test accuracy, val loss}."""
+    """{(dataset, model, target, method, budget): mean/std over seeds of test loss, test accuracy, val loss,
+    and the mean class-spread diagnostics of the picks}."""
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
         groups[(r["dataset"], r["model"], r["target"], r["method"], r["budget"])].append(r)
@@ -29,6 +30,10 @@ def aggregate(rows: Sequence[Row]) -> dict[tuple, dict[str, float]]:
         out[key] = {"loss_mean": float(loss.mean()), "loss_std": float(loss.std()), "acc_mean": float(acc.mean()),
                     "acc_std": float(acc.std()), "val_loss_mean": float(val.mean()), "seeds": len(rs),
                     "k": int(rs[0]["k"])}
+        for diag in ("max_class_share", "heavy_class_share"):
+            vals = [r[diag] for r in rs if r.get(diag) is not None]
+            if vals:
+                out[key][f"{diag}_mean"] = float(np.mean(vals))
     return out
 
 
