@@ -27,7 +27,7 @@ from iaif.evaluation.fidelity.retrain import FitSettings
 from iaif.evaluation.select_bench.data import TARGETS, BenchData, DataSpec, load_bench_data
 from iaif.evaluation.select_bench.features import pool_displacements, representation, target_features
 from iaif.evaluation.select_bench.methods import METHODS, select
-from iaif.evaluation.select_bench.report import INTERACTION, Row, aggregate, goal_check, markdown_tables, plot
+from iaif.evaluation.select_bench.report import INTERACTION, Row, aggregate, diagnostics_table, goal_check, markdown_tables, plot
 from iaif.evaluation.select_bench.train import ModelSpec, SubsetTrainer
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ def run_model(data: BenchData, ds: str, seed: int, model_name: str, cfg: SelectB
     rows: list[Row] = []
     n_pool = len(data.pool_index)
     pool_labels = data.y(data.pool_index).numpy().astype(np.int64)
+    with torch.no_grad():
+        base_wrong = model(theta, data.x(data.pool_index)).argmax(dim=1).numpy() != pool_labels  # misclassified by the base model
     for target in cfg.targets:
         ts = data.targets[target]
         common = {"dataset": ds, "model": model_name, "target": target, "seed": seed}
@@ -132,6 +134,7 @@ def run_model(data: BenchData, ds: str, seed: int, model_name: str, cfg: SelectB
                 labels = pool_labels[picks]
                 out["max_class_share"] = float(np.bincount(labels, minlength=split.num_outputs).max() / len(labels))
                 out["heavy_class_share"] = float(np.isin(labels, ts.heavy_classes).mean()) if ts.heavy_classes else None
+                out["base_wrong_share"] = float(base_wrong[picks].mean())
             return out
 
         rows += [row("base", 0.0, 0, theta), row("all-pool", 1.0, n_pool, theta_all)]
@@ -180,7 +183,7 @@ def run_select_bench(cfg: SelectBenchConfig) -> Path:
     agg = aggregate(rows)
     table = markdown_tables(agg)
     goal = goal_check(agg)
-    (out / "table.md").write_text(table + "\n")
+    (out / "table.md").write_text(f"{table}\n\nHow the picks spread (means over seeds):\n\n{diagnostics_table(agg)}\n")
     summary = [{"dataset": k[0], "model": k[1], "target": k[2], "method": k[3], "budget": k[4], **v} for k, v in agg.items()]
     results = {"rows": rows, "summary": summary, "goal": goal, "seconds": round(time.perf_counter() - start, 1),
                "datasets": {d: DATASETS[d].__dict__ for d in cfg.datasets},

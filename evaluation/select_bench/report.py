@@ -30,7 +30,7 @@ def aggregate(rows: Sequence[Row]) -> dict[tuple, dict[str, float]]:
         out[key] = {"loss_mean": float(loss.mean()), "loss_std": float(loss.std()), "acc_mean": float(acc.mean()),
                     "acc_std": float(acc.std()), "val_loss_mean": float(val.mean()), "seeds": len(rs),
                     "k": int(rs[0]["k"])}
-        for diag in ("max_class_share", "heavy_class_share"):
+        for diag in ("max_class_share", "heavy_class_share", "base_wrong_share"):
             vals = [r[diag] for r in rs if r.get(diag) is not None]
             if vals:
                 out[key][f"{diag}_mean"] = float(np.mean(vals))
@@ -125,3 +125,25 @@ def plot(agg: dict[tuple, dict[str, float]], setting: tuple[str, str, str], path
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def diagnostics_table(agg: dict[tuple, dict[str, float]]) -> str:
+    """How the picks spread, at the smallest and largest budget (means over seeds): share misclassified
+    by the base model, share of the largest class, share of the shifted target's heavy classes."""
+    fields = (("base_wrong_share", "misclassified by base"), ("max_class_share", "largest class"),
+              ("heavy_class_share", "heavy classes"))
+    lines, head_done = [], False
+    for setting in _settings(agg):
+        budgets = _budgets(agg, setting)
+        ends = [budgets[0], budgets[-1]] if len(budgets) > 1 else budgets
+        if not head_done:
+            cols = [f"{label} {100 * b:g}%" for _, label in fields for b in ends]
+            lines += ["| setting | method | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+            head_done = True
+        for m in _methods(agg, setting):
+            if m in REFERENCES:
+                continue
+            cells = [f"{agg[(*setting, m, b)][f + '_mean']:.2f}" if f + "_mean" in agg[(*setting, m, b)] else "–"
+                     for f, _ in fields for b in ends]
+            lines.append(f"| {'/'.join(setting)} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
