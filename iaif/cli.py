@@ -46,6 +46,9 @@ STAGES: dict[str, Stage] = {
                   "the whole pipeline on the embedded default (tiny model, generated data)"),
     "fidelity": Stage("iaif.evaluation.fidelity.benchmark:FidelityConfig", "iaif.evaluation.fidelity.benchmark:run_fidelity",
                       "estimators against leave-group-out retraining on small models"),
+    "select-bench": Stage("iaif.evaluation.select_bench.benchmark:SelectBenchConfig",
+                          "iaif.evaluation.select_bench.benchmark:run_select_bench",
+                          "selection methods on small models: retrain on seed set + picks, held-out target loss"),
 }
 
 POSITIONAL_CONFIG_STAGES = {"run"}
