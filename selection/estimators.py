@@ -141,7 +141,11 @@ def marginal_gain(
     Δ(c | A) = s_c − λ · scale · [ φ_cᵀ C(A) + ½ ‖φ_c‖² ]  (EF: scale = 1/m, the default).
     Returns (gain, interaction part) for each row of ``phi`` ([B, m]); ``scores`` are the candidates'
     s_c ([B]); ``sq_norms`` optionally gives the precomputed ‖φ_c‖² ([B]).
+
+    Each row is reduced on its own (an elementwise product summed along the row, not a BLAS
+    matrix-vector product, whose rounding depends on how many rows it is given), so a row's gain is
+    the same bit for bit whichever other rows are evaluated with it: equal rows tie exactly.
     """
     sq = (phi * phi).sum(dim=-1) if sq_norms is None else sq_norms
-    inter = lam * _kappa_scale(phi.shape[-1], scale) * (phi @ cum + 0.5 * sq)
+    inter = lam * _kappa_scale(phi.shape[-1], scale) * ((phi * cum).sum(dim=-1) + 0.5 * sq)
     return scores - inter, inter
