@@ -73,13 +73,17 @@ def attribute_group(scores: torch.Tensor, curv: torch.Tensor, ids: list[str], sc
 
 def run_attribute(cfg: AttributeConfig) -> Path:
     """Attribute the group of ``cfg.group``; print the report and write ``attribution.json``."""
+    from iaif.selection.checks import check_settings, check_stores
+
     if not cfg.group:
-        raise ValueError("give the group file (group)")
+        raise ValueError("group: give the group file (pool ids, one per line, or JSONL records with 'id')")
+    check_settings(cfg)
     ids = selected_ids(cfg.group)
     if len(set(ids)) != len(ids):
         raise ValueError(f"{cfg.group}: ids repeat in the group")
     targets = load_targets(cfg.targets)
     ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
+    check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
     phi = influence_matrix(ckpts, ids, [t.id for t in targets], cfg.chunk_rows, cfg.device)
     scores = phi.mean(dim=1)
     if cfg.curvature == "ef":

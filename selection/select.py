@@ -96,6 +96,9 @@ class SelectConfig:
     """Rows per chunk when reading features and recomputing gains."""
     seed: int = 0
     """Seed of random selection, stochastic greedy and the selector's bound basis."""
+    allow_missing_features: bool = False
+    """Select among the pool examples the pool stores have, when others are not in them at all
+    (examples excluded at extraction, listed in excluded.json, are never candidates)."""
 
 
 @dataclass
@@ -262,17 +265,16 @@ def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example],
 
 def run_select(cfg: SelectConfig) -> Path:
     """Run one selection method and write its outputs (module docstring)."""
+    from iaif.selection.checks import check_settings, check_stores, pool_candidates
+
+    check_settings(cfg)
     pool = load_examples(cfg.pool)
     extra: dict[str, Any] = {}
     if cfg.method in ("interaction", "first-order", "less"):
         targets = load_targets(cfg.targets)
         ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
-        have = set(ckpts[0].pool_ids)
-        candidates = [e for e in pool if e.id in have]
-        missing = len(pool) - len(candidates)
-        if missing:
-            logger.warning("%d pool example(s) have no features (e.g. no answer tokens) and are not candidates", missing)
-        extra["pool_without_features"] = missing
+        check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
+        candidates, extra = pool_candidates(pool, cfg.pool_stores, cfg.allow_missing_features)
         k = resolve_k(cfg.k, cfg.fraction, len(candidates))
         sel = _feature_select(cfg, k, ckpts, [e.id for e in candidates], targets)
     elif cfg.method == "random":

@@ -124,3 +124,43 @@ def test_build_trainer_full_parameter_training_as_for_pretraining(tiny_model_dir
     assert trainer.state.global_step == 8
     assert loss() < before - 1.0
     assert not list((tmp_path / "trainer").glob("checkpoint-*"))
+
+
+def _saved_adapter(tiny_model_dir: Path, out: Path) -> tuple[object, Path]:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=4, alpha=8))
+    model.save_pretrained(str(out))
+    return model, out
+
+
+def test_adapter_hash_does_not_depend_on_config_order_written_by_the_process(tiny_model_dir: Path, tmp_path: Path):
+    """peft writes target_modules (a set) in an order that changes between processes: byte-identical
+    weights must keep one hash, and the in-memory adapter must hash like its saved folder."""
+    from iaif.training.lora import model_adapter_hash
+
+    model, folder = _saved_adapter(tiny_model_dir, tmp_path / "a")
+    before = adapter_hash(folder)
+    assert model_adapter_hash(model) == before
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = list(reversed(sorted(config["target_modules"])))
+    config_file.write_text(json.dumps(dict(reversed(list(config.items()))), indent=4))
+    assert adapter_hash(folder) == before
+    config["r"] = 8  # what the adapter computes changes: so does the hash
+    config_file.write_text(json.dumps(config))
+    assert adapter_hash(folder) != before
+
+
+def test_adapter_hash_changes_with_one_weight(tiny_model_dir: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _saved_adapter(tiny_model_dir, tmp_path / "a")
+    before = adapter_hash(folder)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1e-3
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    assert adapter_hash(folder) != before

@@ -9,6 +9,7 @@ input widths are multiples of its 64-value quantisation block (the QLoRA test us
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,16 +149,56 @@ def load_adapter(cfg: ModelConfig, adapter_dir: str | Path, trainable: bool = Fa
     return PeftModel.from_pretrained(load_base_model(cfg), str(adapter_dir), is_trainable=trainable)
 
 
-def adapter_hash(adapter_dir: str | Path) -> str:
-    """SHA-256 (16 hex digits) of an adapter folder's config and weights files."""
+ADAPTER_HASH_IGNORED = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
+"""Adapter config fields that do not change what the adapter computes (where the base model was
+read from, and whether it was saved for inference), left out of ``adapter_hash``."""
+
+
+def _canonical(value: Any) -> Any:
+    """Config value with a fixed layout: dict keys sorted, lists of scalars sorted (peft's list fields,
+    e.g. target_modules, are sets whose saved order changes from process to process)."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_canonical(v) for v in value]
+        if all(isinstance(v, (str, int, float, bool)) or v is None for v in items):
+            return sorted(items, key=lambda v: (type(v).__name__, str(v)))
+        return items
+    return value
+
+
+def adapter_hash_of(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) of what defines a LoRA adapter: its canonicalised config (without
+    ``ADAPTER_HASH_IGNORED``) and its weights (by name in sorted order: name, dtype, shape, bytes).
+    The one definition of the adapter hash, for saved folders and for adapters in memory alike."""
     digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        path = Path(adapter_dir) / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{adapter_dir}: not a peft adapter folder ({name} missing)")
-        digest.update(name.encode())
-        digest.update(path.read_bytes())
+    kept = {k: v for k, v in config.items() if k not in ADAPTER_HASH_IGNORED}
+    digest.update(json.dumps(_canonical(kept), sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def adapter_hash(adapter_dir: str | Path) -> str:
+    """``adapter_hash_of`` a saved peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import load_file
+
+    for name in ADAPTER_FILES:
+        if not (Path(adapter_dir) / name).is_file():
+            raise FileNotFoundError(f"{adapter_dir}: not a peft adapter folder ({name} missing)")
+    config = json.loads((Path(adapter_dir) / ADAPTER_FILES[0]).read_text(encoding="utf-8"))
+    return adapter_hash_of(config, load_file(str(Path(adapter_dir) / ADAPTER_FILES[1])))
+
+
+def model_adapter_hash(model: Any, adapter_name: str = "default") -> str:
+    """``adapter_hash_of`` the adapter of a PeftModel in memory: equal to ``adapter_hash`` of the
+    folder ``model.save_pretrained`` writes."""
+    from peft import get_peft_model_state_dict
+
+    config = model.peft_config[adapter_name].to_dict()
+    return adapter_hash_of(config, get_peft_model_state_dict(model, adapter_name=adapter_name))
 
 
 def _require_name(cfg: ModelConfig) -> None:
