@@ -99,8 +99,10 @@ class TaskScore:
 def _device(name: str) -> str:
     import torch
 
+    from iaif.common.device import check_device
+
     if name != "auto":
-        return name
+        return check_device(name, "device (--device)")
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rest = ["--config", rest[0], *rest[1:]]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from iaif.config import ConfigError, parse_stage_config
+    from iaif.training.lora import hide_bitsandbytes
+
+    hide_bitsandbytes()  # imported only when a 4-bit model is asked for
 
     stage = STAGES[name]
     try:

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
+from iaif.common.progress import progress_iter
 from iaif.selection.estimators import marginal_gain, selection_objective
 
 logger = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def _greedy_loop(objectives: Sequence[Objective], k: int, kind: GreedyKind, epsi
     else:
         raise ValueError(f"unknown greedy kind '{kind}'")
     steps: list[GreedyStep] = []
-    for rank in tqdm(range(k), desc=f"greedy ({kind})", disable=not progress, mininterval=1.0):
+    for rank in progress_iter(range(k), k, f"greedy ({kind})", "step", disable=not progress):
         t = rank % len(objectives)
         if kind == "exact":
             index, gain, inter = trackers[t].best()

@@ -164,3 +164,30 @@ def test_adapter_hash_changes_with_one_weight(tiny_model_dir: Path, tmp_path: Pa
     weights[name].view(-1)[0] += 1e-3
     save_file(weights, str(folder / "adapter_model.safetensors"))
     assert adapter_hash(folder) != before
+
+
+def test_bitsandbytes_is_imported_only_when_4bit_is_asked_for(tiny_model_dir: Path, qlora_model_dir: Path):
+    """In a fresh process (as `iaif` starts one): an fp32 LoRA model leaves bitsandbytes unimported and
+    prints no third-party warning; a later 4-bit load in the same process still works."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from iaif.training.lora import LoraSettings, ModelConfig, add_lora, hide_bitsandbytes, load_base_model
+hide_bitsandbytes()
+add_lora(load_base_model(ModelConfig(name_or_path={str(tiny_model_dir)!r}, precision="fp32")), LoraSettings(r=2, alpha=4))
+print("fp32 bitsandbytes imported:", sys.modules.get("bitsandbytes") is not None, flush=True)
+try:
+    load_base_model(ModelConfig(name_or_path={str(qlora_model_dir)!r}, precision="4bit"))
+    print("4bit loaded:", type(sys.modules["bitsandbytes"]).__name__)
+except (RuntimeError, NotImplementedError) as err:  # no 4-bit support on this machine: still importable
+    print("4bit loaded: module", "(unsupported here)")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert "fp32 bitsandbytes imported: False" in lines
+    assert lines[-1].startswith("4bit loaded: module")
+    noise = [line for line in run.stderr.splitlines() if "Warning" in line or "kernels" in line]
+    assert noise == [], noise

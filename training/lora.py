@@ -11,6 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +57,52 @@ class LoraSettings:
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names that get an adapter."""
+
+
+def hide_bitsandbytes() -> None:
+    """Keep bitsandbytes from being imported until a 4-bit model is asked for (``load_base_model``):
+    peft and transformers import it whenever it is installed, which costs seconds and, without a GPU,
+    logs a warning about a missing ``kernels`` package. Called by the ``iaif`` command at start-up."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import raises ImportError, find_spec gives None
+
+
+def _allow_bitsandbytes() -> None:
+    """Undo ``hide_bitsandbytes`` and forget the availability answers given while it was hidden."""
+    if "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is not None:
+        return
+    del sys.modules["bitsandbytes"]
+    import peft.import_utils
+    import transformers.utils.import_utils
+
+    for check in (peft.import_utils.is_bnb_4bit_available, transformers.utils.import_utils.is_bitsandbytes_available):
+        getattr(check, "cache_clear", lambda: None)()
+    with _quiet_bitsandbytes_cpu_kernels():
+        import bitsandbytes  # noqa: F401
+
+
+@contextmanager
+def _quiet_bitsandbytes_cpu_kernels() -> Iterator[None]:
+    """Drop the one warning bitsandbytes logs on import without a GPU (optional ``kernels`` package missing)."""
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "kernels" not in record.getMessage()
+
+    cpu_ops.addFilter(keep)
+    try:
+        yield
+    finally:
+        cpu_ops.removeFilter(keep)
+
+
+@contextmanager
+def _peft_call() -> Iterator[None]:
+    """Around peft calls: hide the FutureWarning transformers raises when peft reads the deprecated
+    ``is_gradient_checkpointing`` property (peft's call, not ours)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16", "4bit"]:
@@ -99,6 +149,7 @@ def load_base_model(cfg: ModelConfig) -> torch.nn.Module:
         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
     )
     if precision == "4bit":
+        _allow_bitsandbytes()
         kwargs.update(quantization_config=nf4_quantization_config(), dtype=torch.bfloat16)
     else:
         kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -127,7 +178,8 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings) -> Any:
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with _peft_call():
+        peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d alpha=%d on %s: %d trainable parameters", lora.r, lora.alpha, lora.target_modules, trainable)
     return peft_model
@@ -146,7 +198,9 @@ def load_adapter(cfg: ModelConfig, adapter_dir: str | Path, trainable: bool = Fa
     for name in ADAPTER_FILES:
         if not (adapter_dir / name).is_file():
             raise FileNotFoundError(f"{adapter_dir}: not a peft adapter folder ({name} missing)")
-    return PeftModel.from_pretrained(load_base_model(cfg), str(adapter_dir), is_trainable=trainable)
+    base = load_base_model(cfg)
+    with _peft_call():
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
 ADAPTER_HASH_IGNORED = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")

@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from iaif.common.progress import progress
 from iaif.selection.features.adam import AdamPreconditioner
 from iaif.selection.features.batching import group_shards, token_budget_batches
 from iaif.selection.features.fingerprint import EXCLUDED_FILE, dataset_fingerprint, write_digests
@@ -321,7 +321,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
     todo = sum(len(b) for s in mine for b in plan[s])
     logger.info("rank %d: %d of %d shards to do (%d examples)", state.process_index, len(mine), len(plan), todo)
     collate = PaddingCollator(tokenizer.pad_token_id)
-    bar = tqdm(total=todo, unit="ex", desc=f"extract[{state.process_index}]", position=state.process_index)
+    bar = progress(todo, f"extract[{state.process_index}]", "ex", position=state.process_index)
     start, tokens = time.perf_counter(), 0
     for shard in mine:
         rows, values = [], []
