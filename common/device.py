@@ -13,7 +13,7 @@ def check_device(name: str, field: str = "device") -> str:
         raise ValueError(f"{field}: '{name}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda":
         if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            raise ValueError(f"{field}: '{name}' asked for, but this torch build has no CUDA support (torch {torch.__version__}); "
+            raise ValueError(f"{field}: '{name}' asked for, but this torch build has no CUDA support (a CPU-only build); "
                              "use cpu or install a CUDA build of torch")
         if not torch.cuda.is_available():
             raise ValueError(f"{field}: '{name}' asked for, but no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver?)")

@@ -43,11 +43,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         column = f" at column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{where}: malformed YAML ({problem}{column})") from None
+        started = f"{err.context} started at line {context.line + 1}: " if context is not None and err.context else ""
+        raise ConfigError(f"{where}: malformed YAML ({started}{problem}{column})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

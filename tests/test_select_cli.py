@@ -329,3 +329,43 @@ def test_cli_allow_missing_features_flag(setup):
         main(args)
     main([*args, "--allow-missing-features", "True"])
     assert len(_read(setup["tmp"] / "cli")[0]) == 3
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporary_files_left_by_a_killed_select_are_removed_by_the_rerun(setup):
+    import os
+
+    out = setup["tmp"] / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    stale = [out / f".selected.jsonl.tmp-{dead}", out / f".summary.json.tmp-{dead}"]
+    for path in stale:
+        path.write_text("half")
+    (out / f".run.tmp-{dead}").mkdir()
+    (out / f".run.tmp-{dead}" / "config.yaml").write_text("half")
+    other_run = out / f".selected.jsonl.tmp-{os.getppid()}"  # a live process's file: not ours to remove
+    other_run.write_text("in progress")
+    run_select(_cfg(setup))
+    assert not any(p.exists() for p in [*stale, out / f".run.tmp-{dead}"])
+    assert other_run.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [other_run.name]
+
+
+def test_temporary_files_left_by_a_killed_attribute_are_removed_by_the_rerun(setup):
+    out = setup["tmp"] / "attr"
+    out.mkdir()
+    stale = out / f".attribution.json.tmp-{_dead_pid()}"
+    stale.write_text("half")
+    group = setup["tmp"] / "group.txt"
+    group.write_text("p0\np1\n")
+    run_attribute(AttributeConfig(group=str(group), targets=setup["targets"], pool_stores=setup["pool_stores"],
+                                  target_stores=setup["target_stores"], output_dir=str(out)))
+    assert not stale.exists() and (out / "attribution.json").is_file()
