@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from iaif.common.atomic import atomic_write_text, remove_stale_temps, temp_path
 from iaif.common.device import check_device
@@ -45,7 +46,7 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, ca
 
     monkeypatch.setattr(sys, "stderr", Terminal())
     bar = progress(10, "extract", "ex")
-    assert isinstance(bar, __import__("tqdm").tqdm)
+    assert isinstance(bar, tqdm)
     bar.close()
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert isinstance(progress(10, "extract", "ex"), LineProgress)

@@ -84,3 +84,14 @@ def test_cli_help() -> None:
                          capture_output=True, text=True, check=True).stdout.replace("-", "_")
     for flag in ("__seed", "__hidden_size", "__pretrain_steps", "__output_dir"):
         assert flag in out
+
+
+def test_folder_of_a_build_killed_before_its_rename_is_removed_by_the_next_build(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".model.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("half written")
+    out = build_tiny_model(TinyModelConfig.for_tests(output_dir=str(tmp_path / "model")))
+    assert not stale.exists() and (out / MARKER_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
