@@ -228,8 +228,8 @@ def test_load_checkpoint_rejects_mismatched_or_missing_state(warmup_run, tmp_pat
         "optimizer_state.pt missing": lambda p: (p / OPTIMIZER_FILE).unlink(),
         "field 'lr_weight' missing": lambda p: (p / "checkpoint.json").write_text(json.dumps(
             {k: v for k, v in json.loads((p / "checkpoint.json").read_text()).items() if k != "lr_weight"})),
-        "does not match the adapter": lambda p: (p / "adapter" / "adapter_config.json").write_text(
-            (p / "adapter" / "adapter_config.json").read_text() + " "),
+        "does not match the adapter": lambda p: (p / "adapter" / "adapter_config.json").write_text(json.dumps(
+            {**json.loads((p / "adapter" / "adapter_config.json").read_text()), "r": 3})),
     }
     for message, edit in cases.items():
         with pytest.raises(CheckpointError, match=message):

@@ -97,7 +97,7 @@ def _quiet_bitsandbytes_cpu_kernels() -> Iterator[None]:
 
 
 @contextmanager
-def _peft_call() -> Iterator[None]:
+def quiet_peft_calls() -> Iterator[None]:
     """Around peft calls: hide the FutureWarning transformers raises when peft reads the deprecated
     ``is_gradient_checkpointing`` property (peft's call, not ours)."""
     with warnings.catch_warnings():
@@ -178,7 +178,7 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings) -> Any:
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
     )
-    with _peft_call():
+    with quiet_peft_calls():
         peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d alpha=%d on %s: %d trainable parameters", lora.r, lora.alpha, lora.target_modules, trainable)
@@ -199,7 +199,7 @@ def load_adapter(cfg: ModelConfig, adapter_dir: str | Path, trainable: bool = Fa
         if not (adapter_dir / name).is_file():
             raise FileNotFoundError(f"{adapter_dir}: not a peft adapter folder ({name} missing)")
     base = load_base_model(cfg)
-    with _peft_call():
+    with quiet_peft_calls():
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 

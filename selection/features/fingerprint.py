@@ -103,6 +103,7 @@ def check_stores(paths: Sequence[str | Path], examples: Sequence[Example]) -> li
             tokenizer = _tokenizer(store, files)
             cache.update((ex.id, tokenize_example(ex, tokenizer, key[2], key[3])) for ex in todo)
         _compare(store, read, [cache[ex.id] for ex in read], files)
+        logger.info("%s: %d example(s) of %s match the store", store.path, len(read), files)
     return stores
 
 
