@@ -191,3 +191,21 @@ except (RuntimeError, NotImplementedError) as err:  # no 4-bit support on this m
     assert lines[-1].startswith("4bit loaded: module")
     noise = [line for line in run.stderr.splitlines() if "Warning" in line or "kernels" in line]
     assert noise == [], noise
+
+
+def test_redirected_train_log_has_no_progress_bars_and_no_third_party_warnings(tiny_model_dir: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i} it is."}) + "\n" for i in range(8)))
+    cmd = [sys.executable, "-m", "iaif", "train", "--data.path", str(pool), "--model.name-or-path", str(tiny_model_dir),
+           "--lora.r", "4", "--lora.alpha", "8", "--training.num-epochs", "1", "--training.effective-batch-size", "4",
+           "--training.per-device-batch-size", "4", "--training.max-length", "64", "--output-dir", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    noise = [line for line in run.stderr.splitlines() if "Warning" in line or "WARNING" in line or "it/s]" in line]
+    assert noise == [], noise
+    assert "'loss'" in run.stdout  # the Trainer's one-line logs stand in for its bar
