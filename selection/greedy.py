@@ -154,6 +154,7 @@ class _ExactTracker:
         self.perp = (self.sq - (self.z * self.z).sum(dim=1)).clamp_min(0).sqrt()
         self.psi_max = float(self.sq.max().sqrt()) if n else 0.0
         self.refreshes = 0
+        self.ties_persist = False  # the last step had more near-best candidates than a refresh could shortlist
         self._refresh()
 
     def _refresh(self) -> None:
@@ -163,7 +164,9 @@ class _ExactTracker:
         o, n = self.obj, self.obj.scores.shape[0]
         g = torch.empty(n, dtype=torch.float32, device=self.cum.device)
         for sl in _row_chunks(n, self.chunk_rows):
-            g[sl] = marginal_gain(o.scores[sl], o.curv[sl].float(), self.cum, o.lam, o.scale, self.sq[sl])[0]
+            # refresh gains only order and bound the candidates (within tol), so the fast product will do
+            g[sl] = marginal_gain(o.scores[sl], o.curv[sl].float(), self.cum, o.lam, o.scale, self.sq[sl],
+                                  exact_rows=False)[0]
         g[self.selected] = -math.inf
         free = int((~self.selected).sum())
         g_sorted, order = torch.sort(g, descending=True, stable=True)
@@ -193,7 +196,8 @@ class _ExactTracker:
 
         Terminates whatever the number of ties: a step refreshes at most once; when even then more
         candidates than the shortlist could reach the best gain (e.g. thousands of exact duplicates),
-        their exact gains are computed directly, in chunks, for this step."""
+        their exact gains are computed directly, in chunks, for this step, and the following steps do
+        so without refreshing first until the ties are gone."""
         o = self.obj
         refreshed = False
         while True:
@@ -218,8 +222,9 @@ class _ExactTracker:
             # outside candidates whose refresh gain plus that slack could still beat b: a prefix
             prefix = int(torch.searchsorted(self.out_neg_g, -(b - tol - slack), right=True))
             if prefix == 0:
+                self.ties_persist = False
                 return int(idx[j]), b, float(inter[j])
-            if prefix > len(self.out_order) // 4 + self.m_short and not refreshed:
+            if prefix > len(self.out_order) // 4 + self.m_short and not refreshed and not self.ties_persist:
                 self._refresh()
                 refreshed = True
                 continue
@@ -229,12 +234,14 @@ class _ExactTracker:
             cand = self.out_order[hit]
             cand = cand[self.outside[cand]]
             if cand.numel() == 0:
+                self.ties_persist = False
                 return int(idx[j]), b, float(inter[j])
             if cand.numel() > self.m_short or len(idx) + cand.numel() > 4 * self.m_short:
-                if not refreshed:
+                if not refreshed and not self.ties_persist:
                     self._refresh()
                     refreshed = True
                     continue
+                self.ties_persist = True  # a refresh did not help: skip it while the ties last
                 return self._best_of(torch.cat([idx[j : j + 1], cand]))
             self.short_idx = torch.cat([idx, cand])
             self.short_psi = torch.cat([self.short_psi, o.curv[cand].float()])
