@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from iaif.common.atomic import remove_stale_temps, temp_path
 from iaif.common.provenance import config_to_dict, write_run_info
 from iaif.demo.demo_data import EOS, pretraining_corpus
 from iaif.training.data import TULU_CHAT_TEMPLATE, DataConfig, DataError, load_examples, render
@@ -213,7 +214,8 @@ def build_tiny_model(cfg: TinyModelConfig) -> Path:
         corpus = text_corpus(cfg.corpus, cfg.seed, cfg.corpus_documents)
     else:
         corpus = pretraining_corpus(cfg.seed, cfg.corpus_documents)
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    remove_stale_temps(out.parent, [out.name])  # builds killed before their rename
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.max_position_embeddings)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from iaif.common.device import check_device
 from iaif.common.provenance import write_run_info
 from iaif.training.data import TULU_CHAT_TEMPLATE
 
@@ -110,7 +111,7 @@ def _device(name: str) -> str:
     import torch
 
     if name != "auto":
-        return name
+        return check_device(name, "device (--device)")
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -194,6 +195,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     from lm_eval.tasks import TaskManager
 
     from iaif.evaluation.tasks import TaskEntry, build_tasks
+    from iaif.training.lora import quiet_peft_calls
 
     if not cfg.model:
         raise ValueError("eval: `model` is required (base model folder or Hub id)")
@@ -213,22 +215,24 @@ def run_eval(cfg: EvalConfig) -> Path:
         raise ValueError("eval: no tasks (set tasks, demo_targets or lm_eval_tasks)")
     settings = chat_settings(cfg, _tokenizer_chat_template(cfg))
     backend, model_args = _model_args(cfg, out)
+    device = _device(cfg.device) if backend == "hf" else None  # a bad device fails before any work
     logger.info("lm-eval %s on %s (+ %s): %s", backend, cfg.model, cfg.adapter, [e.lm_eval_name for e in entries])
-    results = lm_eval.simple_evaluate(
-        model=backend,
-        model_args=model_args,
-        tasks=[e.lm_eval_name for e in entries],
-        batch_size=cfg.batch_size,
-        device=_device(cfg.device) if backend == "hf" else None,
-        limit=cfg.limit,
-        log_samples=cfg.log_samples,
-        gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
-        apply_chat_template=settings["apply_chat_template"],
-        fewshot_as_multiturn=settings["fewshot_as_multiturn"],
-        # indexing lm-eval's thousands of built-in task YAMLs takes ~10-20 s per run: only when asked for
-        task_manager=TaskManager(include_path=include_path, include_defaults=bool(cfg.lm_eval_tasks)),
-        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
-    )
+    with quiet_peft_calls():  # lm-eval loads the adapter with peft
+        results = lm_eval.simple_evaluate(
+            model=backend,
+            model_args=model_args,
+            tasks=[e.lm_eval_name for e in entries],
+            batch_size=cfg.batch_size,
+            device=device,
+            limit=cfg.limit,
+            log_samples=cfg.log_samples,
+            gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
+            apply_chat_template=settings["apply_chat_template"],
+            fewshot_as_multiturn=settings["fewshot_as_multiturn"],
+            # indexing lm-eval's thousands of built-in task YAMLs takes ~10-20 s per run: only when asked for
+            task_manager=TaskManager(include_path=include_path, include_defaults=bool(cfg.lm_eval_tasks)),
+            random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+        )
     if results is None:  # only non-zero ranks under distributed lm-eval
         return out
     samples = results.pop("samples", None)

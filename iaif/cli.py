@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,7 +84,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if name in POSITIONAL_CONFIG_STAGES and rest and not rest[0].startswith("-"):
         rest = ["--config", rest[0], *rest[1:]]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from iaif.common.progress import on_terminal
+
+    if not on_terminal():  # redirected log: no Hugging Face progress bars (ours write one line every 30 s)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from iaif.config import ConfigError, parse_stage_config
+    from iaif.training.lora import hide_bitsandbytes
+
+    hide_bitsandbytes()  # imported only when a 4-bit model is asked for
 
     stage = STAGES[name]
     try:

@@ -26,11 +26,34 @@ def config_from_yaml(cls: type[T], path: str | Path, section: str | None = None)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    data = read_yaml(path)
     if section is not None:
         data = data.get(section, {}) or {}
     return config_from_dict(cls, data, origin=str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty: {}); a syntax error names the file, line and column."""
+    from iaif.training.data import DataError, read_text
+
+    try:
+        text = read_text(path)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        column = f" at column {mark.column + 1}" if mark is not None else ""
+        started = f"{err.context} started at line {context.line + 1}: " if context is not None and err.context else ""
+        raise ConfigError(f"{where}: malformed YAML ({started}{problem}{column})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings (key: value), got a YAML {type(data).__name__}")
+    return data
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], origin: str = "<dict>") -> T:

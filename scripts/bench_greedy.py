@@ -56,7 +56,7 @@ def straightforward_loop(obj: Objective, steps: int) -> tuple[float, list[int]]:
     picks: list[int] = []
     start = time.perf_counter()
     for _ in range(steps):
-        gain, _ = marginal_gain(obj.scores, obj.curv, cum, obj.lam, obj.scale, sq)
+        gain, _ = marginal_gain(obj.scores, obj.curv, cum, obj.lam, obj.scale, sq, exact_rows=False)
         gain[chosen] = -float("inf")
         j = int(torch.argmax(gain))
         chosen[j] = True

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from iaif.common.atomic import atomic_write_text, remove_stale_temps
 from iaif.common.provenance import write_run_info
 from iaif.selection.estimators import pairwise_kappa, quadratic_part
 from iaif.selection.influence import influence_matrix, open_checkpoints, parameter_features
@@ -73,13 +73,17 @@ def attribute_group(scores: torch.Tensor, curv: torch.Tensor, ids: list[str], sc
 
 def run_attribute(cfg: AttributeConfig) -> Path:
     """Attribute the group of ``cfg.group``; print the report and write ``attribution.json``."""
+    from iaif.selection.checks import check_settings, check_stores
+
     if not cfg.group:
-        raise ValueError("give the group file (group)")
+        raise ValueError("group: give the group file (pool ids, one per line, or JSONL records with 'id')")
+    check_settings(cfg)
     ids = selected_ids(cfg.group)
     if len(set(ids)) != len(ids):
         raise ValueError(f"{cfg.group}: ids repeat in the group")
     targets = load_targets(cfg.targets)
     ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
+    check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
     phi = influence_matrix(ckpts, ids, [t.id for t in targets], cfg.chunk_rows, cfg.device)
     scores = phi.mean(dim=1)
     if cfg.curvature == "ef":
@@ -95,9 +99,8 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     report["curvature"] = cfg.curvature
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "attribute")
-    tmp = out / f".{ATTRIBUTION_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    os.replace(tmp, out / ATTRIBUTION_FILE)
+    remove_stale_temps(out, [ATTRIBUTION_FILE])
+    atomic_write_text(out / ATTRIBUTION_FILE, json.dumps(report, indent=2))
     print(f"group of {report['size']} examples ({cfg.group}), curvature {cfg.curvature}")
     print(f"  first-order estimate (sum of individual influences): {report['first_order']:.6g}")
     print(f"  interaction part (½ Σ κ):                             {report['interaction']:.6g}")

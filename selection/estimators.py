@@ -135,13 +135,20 @@ def marginal_gain(
     lam: float,
     scale: float | None = None,
     sq_norms: torch.Tensor | None = None,
+    exact_rows: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy gains of candidates given the selected set's cumulative influence C(A).
 
     Δ(c | A) = s_c − λ · scale · [ φ_cᵀ C(A) + ½ ‖φ_c‖² ]  (EF: scale = 1/m, the default).
     Returns (gain, interaction part) for each row of ``phi`` ([B, m]); ``scores`` are the candidates'
     s_c ([B]); ``sq_norms`` optionally gives the precomputed ‖φ_c‖² ([B]).
+
+    ``exact_rows`` (default): each row is reduced on its own (an elementwise product summed along the
+    row), so a row's gain is the same bit for bit whichever other rows are evaluated with it, and equal
+    rows tie exactly. ``exact_rows=False``: one BLAS matrix-vector product, faster on many rows, whose
+    rounding depends on how many rows it is given (good for bounds, not for comparing gains).
     """
     sq = (phi * phi).sum(dim=-1) if sq_norms is None else sq_norms
-    inter = lam * _kappa_scale(phi.shape[-1], scale) * (phi @ cum + 0.5 * sq)
+    dot = (phi * cum).sum(dim=-1) if exact_rows else phi @ cum
+    inter = lam * _kappa_scale(phi.shape[-1], scale) * (dot + 0.5 * sq)
     return scores - inter, inter

@@ -13,8 +13,11 @@ is bounded from above with the gains of the last refresh (C_ref):
 
 so U_c = g_ref,c − coef·z_cᵀw + coef·‖ψ⊥_c‖‖Δ⊥‖ ≥ gain_c. The best shortlist gain is the exact argmax
 when it beats every U_c; candidates whose bound it does not beat get their exact gain computed and join
-the shortlist; when there are too many of them, the step refreshes. The result equals the
-straightforward loop (up to the order among equal gains, e.g. exact duplicates). E spans the leading
+the shortlist; when there are too many of them, the step refreshes (once: if even then too many
+candidates could reach the best gain, e.g. thousands of exact duplicates, their exact gains are
+computed directly for that step). The result equals the straightforward loop step for step, ties
+included. Tie rule: among candidates of equal gain the lowest candidate index wins; gains are
+computed row by row (``marginal_gain``), so equal rows tie exactly. E spans the leading
 right singular vectors of a seeded row sample of ψ, where influence features put most of their mass;
 the bound is applied with per-coordinate extremes of z over the outside candidates, so only a prefix
 of them (sorted by refresh gain) is ever looked at. On CPU the selector runs single-threaded (the
@@ -37,8 +40,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
+from iaif.common.progress import progress_iter
 from iaif.selection.estimators import marginal_gain, selection_objective
 
 logger = logging.getLogger(__name__)
@@ -110,7 +113,8 @@ def _sq_norms(curv: torch.Tensor, chunk_rows: int, name: str) -> torch.Tensor:
     """‖ψ_c‖² of every row; NaN or inf features are an error naming the first such row."""
     out = torch.empty(curv.shape[0], dtype=torch.float32, device=curv.device)
     for sl in _row_chunks(curv.shape[0], chunk_rows):
-        out[sl] = torch.linalg.vector_norm(curv[sl].float(), dim=1).square()
+        rows = curv[sl].float()
+        out[sl] = (rows * rows).sum(dim=1)  # as marginal_gain computes it, row by row
     bad = ~torch.isfinite(out)
     if bool(bad.any()):
         raise ValueError(f"objective '{name}': curvature features of row {int(bad.nonzero()[0])} are NaN or inf")
@@ -136,7 +140,7 @@ class _ExactTracker:
     def __init__(self, obj: Objective, selected: torch.Tensor, shortlist: int, basis_rank: int,
                  chunk_rows: int, seed: int):
         self.obj, self.selected, self.chunk_rows = obj, selected, chunk_rows
-        self.m_short = max(1, shortlist)
+        self.m_short = shortlist
         n, q = obj.curv.shape
         dev = obj.curv.device
         self.sq = _sq_norms(obj.curv, chunk_rows, obj.name)
@@ -150,6 +154,7 @@ class _ExactTracker:
         self.perp = (self.sq - (self.z * self.z).sum(dim=1)).clamp_min(0).sqrt()
         self.psi_max = float(self.sq.max().sqrt()) if n else 0.0
         self.refreshes = 0
+        self.ties_persist = False  # the last step had more near-best candidates than a refresh could shortlist
         self._refresh()
 
     def _refresh(self) -> None:
@@ -159,7 +164,9 @@ class _ExactTracker:
         o, n = self.obj, self.obj.scores.shape[0]
         g = torch.empty(n, dtype=torch.float32, device=self.cum.device)
         for sl in _row_chunks(n, self.chunk_rows):
-            g[sl] = marginal_gain(o.scores[sl], o.curv[sl].float(), self.cum, o.lam, o.scale, self.sq[sl])[0]
+            # refresh gains only order and bound the candidates (within tol), so the fast product will do
+            g[sl] = marginal_gain(o.scores[sl], o.curv[sl].float(), self.cum, o.lam, o.scale, self.sq[sl],
+                                  exact_rows=False)[0]
         g[self.selected] = -math.inf
         free = int((~self.selected).sum())
         g_sorted, order = torch.sort(g, descending=True, stable=True)
@@ -184,16 +191,26 @@ class _ExactTracker:
         self.outside[index] = False
 
     def best(self) -> tuple[int, float, float]:
-        """Exact argmax of the gain over unselected candidates: (index, gain, interaction part)."""
+        """Exact argmax of the gain over unselected candidates, the lowest index among equal gains:
+        (index, gain, interaction part).
+
+        Terminates whatever the number of ties: a step refreshes at most once; when even then more
+        candidates than the shortlist could reach the best gain (e.g. thousands of exact duplicates),
+        their exact gains are computed directly, in chunks, for this step, and the following steps do
+        so without refreshing first until the ties are gone."""
         o = self.obj
+        refreshed = False
         while True:
             idx = self.short_idx
             g, inter = marginal_gain(o.scores[idx], self.short_psi, self.cum, o.lam, o.scale, self.sq[idx])
             g = g.masked_fill(self.selected[idx], -math.inf)
-            j = int(torch.argmax(g))
+            j = _first_best(idx, g)
             b = float(g[j])
             if not math.isfinite(b):
+                if refreshed:
+                    raise ValueError(f"objective '{o.name}': no finite gain left (features too large for float32?)")
                 self._refresh()
+                refreshed = True
                 continue
             delta = self.cum - self.cum_ref
             w = self.basis.T @ delta
@@ -205,9 +222,11 @@ class _ExactTracker:
             # outside candidates whose refresh gain plus that slack could still beat b: a prefix
             prefix = int(torch.searchsorted(self.out_neg_g, -(b - tol - slack), right=True))
             if prefix == 0:
+                self.ties_persist = False
                 return int(idx[j]), b, float(inter[j])
-            if prefix > len(self.out_order) // 4 + self.m_short:
+            if prefix > len(self.out_order) // 4 + self.m_short and not refreshed and not self.ties_persist:
                 self._refresh()
+                refreshed = True
                 continue
             bound = torch.addmv(self.out_g[:prefix], self.out_z[:prefix], w, alpha=-self.coef)
             bound += (self.coef * d_perp) * self.out_perp[:prefix]
@@ -215,13 +234,39 @@ class _ExactTracker:
             cand = self.out_order[hit]
             cand = cand[self.outside[cand]]
             if cand.numel() == 0:
+                self.ties_persist = False
                 return int(idx[j]), b, float(inter[j])
             if cand.numel() > self.m_short or len(idx) + cand.numel() > 4 * self.m_short:
-                self._refresh()
-                continue
+                if not refreshed and not self.ties_persist:
+                    self._refresh()
+                    refreshed = True
+                    continue
+                self.ties_persist = True  # a refresh did not help: skip it while the ties last
+                return self._best_of(torch.cat([idx[j : j + 1], cand]))
             self.short_idx = torch.cat([idx, cand])
             self.short_psi = torch.cat([self.short_psi, o.curv[cand].float()])
             self.outside[cand] = False
+
+    def _best_of(self, rows: torch.Tensor) -> tuple[int, float, float]:
+        """Exact best of the unselected ``rows`` (lowest index among equal gains), in row chunks."""
+        o = self.obj
+        best: tuple[int, float, float] | None = None
+        for sl in _row_chunks(len(rows), self.chunk_rows):
+            part = rows[sl]
+            g, inter = marginal_gain(o.scores[part], o.curv[part].float(), self.cum, o.lam, o.scale, self.sq[part])
+            g = g.masked_fill(self.selected[part], -math.inf)
+            j = _first_best(part, g)
+            here = (int(part[j]), float(g[j]), float(inter[j]))
+            if best is None or here[1] > best[1] or (here[1] == best[1] and here[0] < best[0]):
+                best = here
+        assert best is not None
+        return best
+
+
+def _first_best(idx: torch.Tensor, g: torch.Tensor) -> int:
+    """Position in ``g`` of the largest gain; among equal gains, the one of the lowest candidate index."""
+    ties = (g == g.max()).nonzero().squeeze(1)
+    return int(ties[torch.argmin(idx[ties])])
 
 
 def _stochastic_best(obj: Objective, cum: torch.Tensor, sq: torch.Tensor, selected: torch.Tensor,
@@ -259,6 +304,8 @@ def greedy_select(
         raise ValueError("empty pool: no candidates to select from")
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the pool size {n}, got {k}")
+    if kind == "exact" and shortlist < 1:
+        raise ValueError(f"shortlist: must be ≥ 1 (candidates tracked exactly between full passes), got {shortlist}")
     for o in objectives:
         if not bool(torch.isfinite(o.scores).all()):
             raise ValueError(f"objective '{o.name}': scores contain NaN or inf")
@@ -290,7 +337,7 @@ def _greedy_loop(objectives: Sequence[Objective], k: int, kind: GreedyKind, epsi
     else:
         raise ValueError(f"unknown greedy kind '{kind}'")
     steps: list[GreedyStep] = []
-    for rank in tqdm(range(k), desc=f"greedy ({kind})", disable=not progress, mininterval=1.0):
+    for rank in progress_iter(range(k), k, f"greedy ({kind})", "step", disable=not progress):
         t = rank % len(objectives)
         if kind == "exact":
             index, gain, inter = trackers[t].best()

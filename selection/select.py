@@ -96,6 +96,9 @@ class SelectConfig:
     """Rows per chunk when reading features and recomputing gains."""
     seed: int = 0
     """Seed of random selection, stochastic greedy and the selector's bound basis."""
+    allow_missing_features: bool = False
+    """Select among the pool examples the pool stores have, when others are not in them at all
+    (examples excluded at extraction, listed in excluded.json, are never candidates)."""
 
 
 @dataclass
@@ -225,16 +228,16 @@ def duplicate_rate(chosen: Sequence[Example]) -> float:
     return dup / len(chosen)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example], sel: Selection,
                     summary_extra: dict[str, Any]) -> Path:
-    """selected.jsonl + summary.json + config/run info, each written to a temporary name and renamed."""
+    """selected.jsonl + summary.json + config/run info, each written to a temporary name and renamed
+    (temporary files an interrupted run left are removed first)."""
+    from iaif.common.atomic import remove_stale_temps, temp_path
+
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, [SELECTED_FILE, SUMMARY_FILE, "run"])
     chosen = [candidates[i] for i in sel.indices]
-    tmp_sel = _tmp(out / SELECTED_FILE)
+    tmp_sel = temp_path(out / SELECTED_FILE)
     with open(tmp_sel, "w", encoding="utf-8") as fh:
         for rank, ex in enumerate(chosen):
             meta = {"rank": rank, "method": cfg.method, "score": sel.score[rank], "first_order": sel.first_order[rank],
@@ -248,9 +251,9 @@ def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example],
         "objective": sel.info.get("objective"), "duplicate_rate": duplicate_rate(chosen),
         **sel.info, **summary_extra, "config": config_to_dict(cfg),
     }
-    tmp_sum = _tmp(out / SUMMARY_FILE)
+    tmp_sum = temp_path(out / SUMMARY_FILE)
     tmp_sum.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    staging = out / f".run-{os.getpid()}"
+    staging = temp_path(out / "run")
     write_run_info(staging, cfg, "select")
     for name in (CONFIG_FILE, RUN_INFO_FILE):
         os.replace(staging / name, out / name)
@@ -262,17 +265,16 @@ def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example],
 
 def run_select(cfg: SelectConfig) -> Path:
     """Run one selection method and write its outputs (module docstring)."""
+    from iaif.selection.checks import check_settings, check_stores, pool_candidates
+
+    check_settings(cfg)
     pool = load_examples(cfg.pool)
     extra: dict[str, Any] = {}
     if cfg.method in ("interaction", "first-order", "less"):
         targets = load_targets(cfg.targets)
         ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
-        have = set(ckpts[0].pool_ids)
-        candidates = [e for e in pool if e.id in have]
-        missing = len(pool) - len(candidates)
-        if missing:
-            logger.warning("%d pool example(s) have no features (e.g. no answer tokens) and are not candidates", missing)
-        extra["pool_without_features"] = missing
+        check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
+        candidates, extra = pool_candidates(pool, cfg.pool_stores, cfg.allow_missing_features)
         k = resolve_k(cfg.k, cfg.fraction, len(candidates))
         sel = _feature_select(cfg, k, ckpts, [e.id for e in candidates], targets)
     elif cfg.method == "random":
@@ -308,13 +310,22 @@ def run_select(cfg: SelectConfig) -> Path:
 
 def selected_ids(path: str | Path) -> list[str]:
     """Ids from a file of pool ids: one per line, or JSONL records with ``_iaif.id`` or ``id``."""
+    from iaif.training.data import json_error_text, read_text_lines
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     ids = []
-    for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, raw in read_text_lines(path):
         raw = raw.strip()
         if not raw:
             continue
         if raw.startswith("{"):
-            rec = json.loads(raw)
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: {json_error_text(err)}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
             ident = (rec.get(META_FIELD) or {}).get("id", rec.get("id"))
             if ident is None:
                 raise ValueError(f"{path}:{lineno}: record has neither '_iaif.id' nor 'id'")

@@ -97,5 +97,65 @@ def test_duplicate_ids_are_reported_and_disambiguated(tmp_path: Path, caplog: py
     assert ids[:3] == ["a", "b", "a~2"]
     assert ids[4] == ids[3] + "~2"  # same content, no id field: same hash
     assert len(set(ids)) == len(ids)
-    assert f"{path}:3: duplicate id 'a' (first at line 1)" in caplog.text
-    assert f"{path}:5: duplicate id '{ids[3]}' (first at line 4)" in caplog.text
+    assert "'a' at lines 1, 3" in caplog.text and f"'{ids[3]}' at lines 4, 5" in caplog.text
+
+
+def test_duplicate_ids_are_reported_once_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    records = [{"id": f"x{i % 3}", "prompt": f"p{i}", "completion": "c"} for i in range(300)]
+    path = write_lines(tmp_path / "pool.jsonl", [json.dumps(r) for r in records])
+    with caplog.at_level(logging.WARNING, logger="iaif.training.data"):
+        examples = load_examples(path)
+    warnings = [r for r in caplog.records if "repeat" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].getMessage().startswith(f"{path}: 3 id(s) repeat (300 record(s) in all), e.g. 'x0' at lines 1, 4, 7")
+    assert len({e.id for e in examples}) == 300
+
+
+def test_renamed_duplicate_never_takes_an_id_of_the_file(tmp_path: Path) -> None:
+    records = [{"id": "a", **GOOD}, {"id": "a", **GOOD}, {"id": "a~2", **GOOD}, {"id": "a", **GOOD}]
+    ids = [e.id for e in load_examples(write_lines(tmp_path / "pool.jsonl", [json.dumps(r) for r in records]))]
+    assert len(set(ids)) == 4 and ids[:2] == ["a", "a~2"]
+
+
+@pytest.mark.parametrize("name, lines", [
+    ("pool.jsonl", [json.dumps(GOOD), '{"prompt": "caf\xff", "completion": "x"}']),
+    ("pool.json", ["[" + json.dumps(GOOD) + ",", '{"prompt": "caf\xff", "completion": "x"}]']),
+    ("cot.tsv", ["Q?\tyes\tbecause", "caf\xff\tno\tbecause"]),
+])
+def test_non_utf8_byte_names_file_and_line(tmp_path: Path, name: str, lines: list[str]) -> None:
+    path = tmp_path / name
+    path.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=rf"{name}:2: not UTF-8 text \(byte 0xff at column \d+\)"):
+        load_examples(str(path))
+
+
+def test_malformed_json_message_reads_cleanly(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "pool.jsonl", ['{"prompt": "unterminated'])
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    assert str(err.value) == f"{path}:1: malformed JSON: unterminated string starting at column 12"
+    assert "at at" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["pool.csv", "data.txt", "./pool"])
+def test_missing_local_path_with_unknown_suffix_is_not_taken_for_a_hub_id(tmp_path: Path, name: str, monkeypatch) -> None:
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("looked up on the Hub"))
+    with pytest.raises(DataError, match=f"^{name}: no such file or folder$"):
+        load_examples(name)
+
+
+def test_missing_path_that_could_be_a_hub_id_says_local_path_first(tmp_path: Path, monkeypatch) -> None:
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'data/pool' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as err:
+        load_examples("data/pool")
+    assert str(err.value) == ("data/pool: no such local file or folder, and not a reachable Hub dataset id either "
+                              "(ConnectionError: Couldn't reach 'data/pool' on the Hub (OfflineModeIsEnabled))")

@@ -219,3 +219,17 @@ def test_adam_features_from_a_warmup_checkpoint(tiny_model_dir: Path, data_file:
             gamma = (b1 * s["exp_avg"] + (1 - b1) * g) / ((b2 * s["exp_avg_sq"] + (1 - b2) * g**2).sqrt() + eps)
             expected += KroneckerProjector(cfg.seed, m.name, *m.shape, cfg.dim).project_weight_grads(gamma[None])[0]
         torch.testing.assert_close(torch.from_numpy(np.asarray(store.features[row])), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_temporary_files_left_by_a_killed_extract_are_removed_when_it_resumes(tmp_path: Path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    writer = ShardWriter(tmp_path / "store")
+    writer.claim({"dim": 4})
+    stale = [writer.shard_dir / f".shard-00003.npz.tmp-{proc.pid}", tmp_path / "store" / f".ids.json.tmp-{proc.pid}"]
+    for path in stale:
+        path.write_text("half")
+    writer.write(0, np.arange(2), np.zeros((2, 4), dtype=np.float16))
+    assert writer.is_done(0) and not list(writer.shard_dir.glob(".shard-00000*"))  # written under a temporary name, renamed
+    ShardWriter(tmp_path / "store").claim({"dim": 4})  # the resumed job
+    assert not any(p.exists() for p in stale) and writer.is_done(0)

@@ -86,3 +86,20 @@ def test_run_fidelity_writes_outputs_and_reuses_the_cache(tmp_path, monkeypatch)
 def test_unknown_pair_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         run_fidelity(FidelityConfig(output_dir=str(tmp_path), pairs=["nope"]))
+
+
+def test_retrain_cache_loads_theta_with_weights_only_explicitly(tmp_path, monkeypatch):
+    """torch < 2.6 (allowed by pyproject) unpickles arbitrary objects unless weights_only=True is passed."""
+    cache = retrain.RetrainCache(tmp_path, "pair", 0)
+    torch.save(torch.arange(3.0), cache.theta_path)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    theta = cache.full_model(problem=None, theta0=None, settings=None)
+    assert torch.equal(theta, torch.arange(3.0))
+    assert [c.get("weights_only") for c in calls] == [True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,27 +13,43 @@ import torch
 from iaif.cli import main
 from iaif.selection.attribute import AttributeConfig, run_attribute
 from iaif.selection.estimators import ef_group_estimate
+from iaif.selection.features.fingerprint import dataset_fingerprint, write_digests
 from iaif.selection.features.store import StoreMismatchError
 from iaif.selection.influence import FeatureError
 from iaif.selection.select import SelectConfig, duplicate_rate, run_select
-from iaif.training.data import DataConfig, load_examples
+from iaif.training.data import DataConfig, TokenizedExample, load_examples, tokenize_examples
+from iaif.training.lora import ModelConfig, load_tokenizer
 
 DIM = 6
 
 
-def _store(path: Path, ids: list[str], feats: np.ndarray, adapter: str, lr_weight: float, **meta) -> str:
+MAX_LENGTH = 64
+
+
+def _tokenized(data: str, model: str) -> list[TokenizedExample]:
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=model))
+    return tokenize_examples(load_examples(data), tokenizer, "tulu", MAX_LENGTH)[0]
+
+
+def _store(path: Path, ids: list[str], feats: np.ndarray, adapter: str, lr_weight: float,
+           data: list[TokenizedExample] | None = None, model: str = "tiny", **meta) -> str:
+    """A store in extract's format; ``data``: the tokenised examples its rows come from (fingerprint, digests)."""
     path.mkdir(parents=True)
     np.save(path / "features.npy", feats.astype(np.float16))
     (path / "ids.json").write_text(json.dumps(ids))
-    base = {"model": "tiny", "model_revision": None, "template_hash": "h", "projection": "rademacher",
-            "projection_seed": 0, "dim": DIM, "projection_version": 1, "dataset_fingerprint": path.parent.name,
-            "dtype": "float16", "adapter_hash": adapter, "lr_weight": lr_weight}
+    base = {"model": model, "model_revision": None, "template_hash": "h", "projection": "rademacher",
+            "projection_seed": 0, "dim": DIM, "projection_version": 1, "dtype": "float16", "adapter_hash": adapter,
+            "lr_weight": lr_weight, "template": "tulu", "max_length": MAX_LENGTH,
+            "dataset_fingerprint": dataset_fingerprint(data or [])}
+    if data is not None:
+        write_digests(path, data)
     (path / "meta.json").write_text(json.dumps({**base, **meta}))
     return str(path)
 
 
 @pytest.fixture()
-def setup(tmp_path: Path) -> dict:
+def setup(tmp_path: Path, tiny_model_dir: Path) -> dict:
+    model = str(tiny_model_dir)
     rng = np.random.default_rng(0)
     pool = []
     for i in range(30):
@@ -48,17 +65,25 @@ def setup(tmp_path: Path) -> dict:
         f.write_text("".join(json.dumps({"id": f"{task}{j}", "task": task, "question": "q", "answer": "x"}) + "\n"
                              for j in range(3)))
         target_files.append(str(f))
-    pool_ids = [r["id"] for r in pool if r["id"] != "p29"]  # p29: no features (e.g. truncated answer)
+    pool_ids = [r["id"] for r in pool if r["id"] != "p29"]  # p29: excluded at extraction (e.g. truncated answer)
+    tok_pool = [t for t in _tokenized(str(pool_file), model) if t.id != "p29"]
+    tok_targets = [t for f in target_files for t in _tokenized(f, model)]
     tids = [f"{t}{j}" for t in ("a", "b") for j in range(3)]
     pf = [rng.normal(size=(len(pool_ids), DIM)) + 0.5 for _ in range(2)]
     for f in pf:
         f[1] = f[0]  # p0 and p1 identical features
     tf = [rng.normal(size=(6, DIM)) + 0.5 for _ in range(2)]
     stores = tmp_path / "stores"
-    pool_stores = [_store(stores / "pool" / f"c{c}", pool_ids, pf[c], f"ad{c}", w) for c, w in enumerate((0.6, 0.4))]
-    target_stores = [_store(stores / "tgt" / f"c{c}", tids, tf[c], f"ad{c}", w) for c, w in enumerate((0.6, 0.4))]
+    pool_stores = [_store(stores / "pool" / f"c{c}", pool_ids, pf[c], f"ad{c}", w, tok_pool, model)
+                   for c, w in enumerate((0.6, 0.4))]
+    for folder in pool_stores:
+        (Path(folder) / "excluded.json").write_text(json.dumps([{"id": "p29", "source": str(pool_file), "line": 30,
+                                                                  "reason": "no answer tokens"}]))
+    target_stores = [_store(stores / "tgt" / f"c{c}", tids, tf[c], f"ad{c}", w, tok_targets, model)
+                     for c, w in enumerate((0.6, 0.4))]
     return {"tmp": tmp_path, "pool": str(pool_file), "targets": target_files, "pool_stores": pool_stores,
-            "target_stores": target_stores, "pf": pf, "tf": tf, "pool_ids": pool_ids, "tids": tids}
+            "target_stores": target_stores, "pf": pf, "tf": tf, "pool_ids": pool_ids, "tids": tids, "model": model,
+            "tok_pool": tok_pool, "tok_targets": tok_targets}
 
 
 def _cfg(s: dict, **kw) -> SelectConfig:
@@ -178,8 +203,8 @@ def test_targets_without_features(setup):
 def test_nan_features(setup):
     bad = setup["pf"][0].copy()
     bad[4, 2] = np.nan
-    store = _store(setup["tmp"] / "nan" / "c0", setup["pool_ids"], bad, "ad0", 0.6,
-                   dataset_fingerprint="pool")
+    store = _store(setup["tmp"] / "nan" / "c0", setup["pool_ids"], bad, "ad0", 0.6, setup["tok_pool"], setup["model"])
+    shutil.copy(Path(setup["pool_stores"][0]) / "excluded.json", store)
     ok = Path(setup["pool_stores"][1])
     with pytest.raises(FeatureError, match="row 4 \\(id 'p4'\\) has NaN"):
         run_select(_cfg(setup, pool_stores=[store, str(ok)]))
@@ -190,8 +215,8 @@ def test_gn_curvature_uses_sampled_label_features(setup):
     rng = np.random.default_rng(1)
     sampled_ids = [f"{t}#{r}" for t in setup["tids"] for r in range(2)]
     sf = [rng.normal(size=(12, DIM)) + 0.3 for _ in range(2)]
-    sampled = [_store(setup["tmp"] / "sampled" / f"c{c}", sampled_ids, sf[c], f"ad{c}", w)
-               for c, w in enumerate((0.6, 0.4))]
+    sampled = [_store(setup["tmp"] / "sampled" / f"c{c}", sampled_ids, sf[c], f"ad{c}", w, setup["tok_targets"],
+                      setup["model"], sampled_labels=2) for c, w in enumerate((0.6, 0.4))]
     out = run_select(_cfg(setup, curvature="gn", sampled_target_stores=sampled, lam=2.0, combine="round-robin"))
     lines, summary = _read(out)
     # independent check of the first step: s from true labels, κ from the sampled-label block of task a
@@ -219,3 +244,128 @@ def test_similarity_methods_on_tiny_model(setup, tiny_model_dir, method):
                similarity="round-robin", max_length=64, batch_size=8)
     lines, summary = _read(run_select(cfg))
     assert len({r["_iaif"]["id"] for r in lines}) == 5 and summary["pool_size"] == 30
+
+
+# ---------------------------------------------------------------- data read against the stores (issue 12, items 1, 6, 7)
+
+
+def _rewrite(path: str, edit) -> None:
+    records = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in edit(records)))
+
+
+def test_pool_record_edited_after_extraction_is_refused_naming_store_file_and_id(setup):
+    def edit(records):
+        records[7]["messages"][1]["content"] = "a different answer"
+        return records
+    _rewrite(setup["pool"], edit)
+    with pytest.raises(StoreMismatchError) as err:
+        run_select(_cfg(setup))
+    msg = str(err.value)
+    assert setup["pool_stores"][0] in msg and setup["pool"] in msg and "example 'p7' (line 8)" in msg
+    _assert_nothing_written(setup)
+
+
+def test_pool_contents_shuffled_between_ids_is_refused_at_the_first_differing_id(setup):
+    def edit(records):
+        records[3]["messages"], records[5]["messages"] = records[5]["messages"], records[3]["messages"]
+        return records
+    _rewrite(setup["pool"], edit)
+    with pytest.raises(StoreMismatchError, match="example 'p3' \\(line 4\\) differs"):
+        run_select(_cfg(setup, method="first-order"))
+    _assert_nothing_written(setup)
+
+
+def test_target_record_edited_after_extraction_is_refused_by_select_and_attribute(setup):
+    def edit(records):
+        records[1]["answer"] = "y"
+        return records
+    _rewrite(setup["targets"][1], edit)
+    with pytest.raises(StoreMismatchError) as err:
+        run_select(_cfg(setup))
+    assert setup["target_stores"][0] in str(err.value) and setup["targets"][1] in str(err.value)
+    assert "example 'b1' (line 2)" in str(err.value)
+    group = setup["tmp"] / "group.txt"
+    group.write_text("p0\np1\n")
+    with pytest.raises(StoreMismatchError, match="example 'b1' \\(line 2\\) differs"):
+        run_attribute(AttributeConfig(group=str(group), targets=setup["targets"], pool_stores=setup["pool_stores"],
+                                      target_stores=setup["target_stores"], output_dir=str(setup["tmp"] / "attr")))
+
+
+def test_store_extracted_with_another_template_is_refused(setup):
+    meta_file = Path(setup["pool_stores"][1]) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "max_length": 8}))  # the features came from other token ids
+    with pytest.raises(StoreMismatchError, match=f"{setup['pool_stores'][1]} does not match .*max_length 8"):
+        run_select(_cfg(setup))
+
+
+def test_pool_examples_not_in_the_store_are_refused_unless_allowed(setup, caplog):
+    _rewrite(setup["pool"], lambda recs: recs + [{"id": "p99", "prompt": "new", "completion": "example"}])
+    with pytest.raises(ValueError, match="1 pool example\\(s\\) of .* are not in the feature store .* at all "
+                                         "\\(e.g. 'p99' at line 31\\).*--allow-missing-features True"):
+        run_select(_cfg(setup))
+    _assert_nothing_written(setup)
+    with caplog.at_level("WARNING"):
+        out = run_select(_cfg(setup, allow_missing_features=True))
+    lines, summary = _read(out)
+    assert "p99" not in {r["_iaif"]["id"] for r in lines}
+    assert (summary["pool_excluded_at_extraction"], summary["pool_not_in_store"], summary["pool_size"]) == (1, 1, 29)
+    assert "1 pool example(s) were excluded at extraction" in caplog.text  # p29, listed in excluded.json
+
+
+def test_duplicated_pool_id_missing_from_the_store_is_named_as_a_renamed_duplicate(setup):
+    _rewrite(setup["pool"], lambda recs: recs + [{**recs[3], "messages": recs[4]["messages"]}])
+    with pytest.raises(ValueError, match="'p3~2' at line 31.*1 of them repeat an id used earlier in the file"):
+        run_select(_cfg(setup))
+
+
+def test_cli_allow_missing_features_flag(setup):
+    _rewrite(setup["pool"], lambda recs: recs + [{"id": "p99", "prompt": "new", "completion": "example"}])
+    args = ["select", "--method", "first-order", "--pool.path", setup["pool"], "--targets", *setup["targets"],
+            "--pool-stores", *setup["pool_stores"], "--target-stores", *setup["target_stores"], "--k", "3",
+            "--output-dir", str(setup["tmp"] / "cli")]
+    with pytest.raises(SystemExit, match="not in the feature store"):
+        main(args)
+    main([*args, "--allow-missing-features", "True"])
+    assert len(_read(setup["tmp"] / "cli")[0]) == 3
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporary_files_left_by_a_killed_select_are_removed_by_the_rerun(setup):
+    import os
+
+    out = setup["tmp"] / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    stale = [out / f".selected.jsonl.tmp-{dead}", out / f".summary.json.tmp-{dead}"]
+    for path in stale:
+        path.write_text("half")
+    (out / f".run.tmp-{dead}").mkdir()
+    (out / f".run.tmp-{dead}" / "config.yaml").write_text("half")
+    other_run = out / f".selected.jsonl.tmp-{os.getppid()}"  # a live process's file: not ours to remove
+    other_run.write_text("in progress")
+    run_select(_cfg(setup))
+    assert not any(p.exists() for p in [*stale, out / f".run.tmp-{dead}"])
+    assert other_run.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [other_run.name]
+
+
+def test_temporary_files_left_by_a_killed_attribute_are_removed_by_the_rerun(setup):
+    out = setup["tmp"] / "attr"
+    out.mkdir()
+    stale = out / f".attribution.json.tmp-{_dead_pid()}"
+    stale.write_text("half")
+    group = setup["tmp"] / "group.txt"
+    group.write_text("p0\np1\n")
+    run_attribute(AttributeConfig(group=str(group), targets=setup["targets"], pool_stores=setup["pool_stores"],
+                                  target_stores=setup["target_stores"], output_dir=str(out)))
+    assert not stale.exists() and (out / "attribution.json").is_file()

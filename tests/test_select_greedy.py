@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from iaif.selection.estimators import pairwise_kappa, selection_objective
+from iaif.selection.estimators import marginal_gain, pairwise_kappa, selection_objective
 from iaif.selection.greedy import Objective, greedy_select
 from iaif.selection.objective import TaskTerms, build_objectives, default_lambda
 
@@ -190,3 +190,89 @@ def test_nan_features_rejected():
     phi[7, 1] = float("inf")
     with pytest.raises(ValueError, match="row 7 are NaN or inf"):
         greedy_select([Objective(s, phi, 1.0)], 2, progress=False)
+
+
+# ---------------------------------------------------------------- ties (issue 12, item 2)
+
+
+def _straightforward_greedy(objectives: list[Objective], k: int) -> list[tuple[int, float]]:
+    """The straightforward loop: every step recomputes every gain; the largest wins, and among equal
+    gains the lowest index (torch.argmax returns the first maximum)."""
+    n = objectives[0].scores.shape[0]
+    cums = [torch.zeros(o.curv.shape[1]) for o in objectives]
+    selected = torch.zeros(n, dtype=torch.bool)
+    out = []
+    for step in range(k):
+        t = step % len(objectives)
+        o = objectives[t]
+        gain, _ = marginal_gain(o.scores, o.curv, cums[t], o.lam, o.scale)
+        gain = gain.masked_fill(selected, -math.inf)
+        best = int(torch.argmax(gain))
+        selected[best] = True
+        for obj, cum in zip(objectives, cums):
+            cum += obj.curv[best]
+        out.append((best, float(gain[best])))
+    return out
+
+
+def _duplicate_pool(copies: int, distinct: int, q: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    row = torch.rand(q, generator=g)
+    return torch.cat([row.repeat(copies, 1), torch.rand(distinct, q, generator=g)])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shortlist", [1, 8, 1024])
+def test_ties_outnumbering_the_shortlist_terminate_with_the_straightforward_sequence(shortlist):
+    phi = _duplicate_pool(5000, 6, 8, seed=0)
+    for lam in (0.0, 1.0, 50.0):
+        objs = [Objective(phi.mean(dim=1), phi, lam)]
+        result = greedy_select(objs, 20, shortlist=shortlist, progress=False)
+        expected = _straightforward_greedy(objs, 20)
+        assert result.indices == [c for c, _ in expected]
+        assert [s.gain for s in result.steps] == [gn for _, gn in expected]
+        copies = [i for i in result.indices if i < 5000]
+        assert copies == sorted(copies)  # equal gains: lowest index first
+
+
+@pytest.mark.timeout(60)
+def test_all_rows_identical_pick_in_index_order():
+    phi = torch.full((3000, 5), 0.25)
+    result = greedy_select([Objective(phi.mean(dim=1), phi, 2.0)], 12, shortlist=1, progress=False)
+    assert result.indices == list(range(12))
+
+
+@pytest.mark.parametrize("shortlist", [0, -3])
+def test_shortlist_below_one_is_refused(shortlist):
+    phi = _phi(10, 3)
+    with pytest.raises(ValueError, match=f"shortlist: must be ≥ 1.*got {shortlist}"):
+        greedy_select([Objective(phi.mean(1), phi, 1.0)], 2, shortlist=shortlist, progress=False)
+
+
+@pytest.mark.timeout(120)
+def test_exact_greedy_equals_straightforward_loop_on_random_pools_with_many_duplicates():
+    """Property test (seeded random cases): pools made of a few distinct rows repeated many times,
+    random λ, shortlist, basis rank, one or two round-robin objectives; the exact greedy must pick
+    exactly the straightforward loop's sequence with exactly its gains."""
+    rng = torch.Generator().manual_seed(12)
+
+    def draw(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    for _case in range(60):
+        q = draw(1, 6)
+        distinct = torch.randn(draw(1, 12), q, generator=rng) * 0.5 + 0.2
+        rows = distinct[torch.randint(len(distinct), (draw(5, 400),), generator=rng)]
+        n = rows.shape[0]
+        objs = []
+        for t in range(draw(1, 2)):
+            lam = [0.0, 0.3, 1.0, 5.0, 40.0][draw(0, 4)]
+            scores = rows.mean(dim=1) if t == 0 else rows[:, 0] * 0.5
+            objs.append(Objective(scores, rows, lam, name=f"t{t}"))
+        k = draw(1, min(n, 40))
+        shortlist = draw(1, 6)
+        result = greedy_select(objs, k, shortlist=shortlist, basis_rank=draw(0, 3), chunk_rows=draw(7, 128),
+                               progress=False)
+        expected = _straightforward_greedy(objs, k)
+        assert result.indices == [c for c, _ in expected], (_case, n, q, shortlist)
+        assert [s.gain for s in result.steps] == [gn for _, gn in expected]

@@ -134,3 +134,14 @@ def test_bad_corpus_file_is_named(tmp_path: Path) -> None:
     cfg.corpus = [str(tmp_path / "absent.jsonl")]
     with pytest.raises(DataError, match=r"absent\.jsonl: field 'corpus' no such file"):
         build_tiny_model(cfg)
+
+
+def test_folder_of_a_build_killed_before_its_rename_is_removed_by_the_next_build(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".model.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("half written")
+    out = build_tiny_model(TinyModelConfig.for_tests(output_dir=str(tmp_path / "model")))
+    assert not stale.exists() and (out / MARKER_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

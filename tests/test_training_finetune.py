@@ -195,7 +195,7 @@ def test_resume_refuses_changed_settings_and_fresh_start_refuses_old_checkpoints
     out = tmp_path / "copy"
     shutil.copytree(full, out)
     changed = WarmupConfig(**{**vars(cfg), "output_dir": str(out), "sample_seed": 7})
-    with pytest.raises(ValueError, match=r"cannot resume with changed settings \['sample_seed'\]"):
+    with pytest.raises(ValueError, match=r"cannot resume with changed settings: sample_seed: 0 \(earlier run\) -> 7 "):
         run_warmup(changed)
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         run_warmup(WarmupConfig(**{**vars(cfg), "output_dir": str(out), "resume": False}))
@@ -228,11 +228,25 @@ def test_load_checkpoint_rejects_mismatched_or_missing_state(warmup_run, tmp_pat
         "optimizer_state.pt missing": lambda p: (p / OPTIMIZER_FILE).unlink(),
         "field 'lr_weight' missing": lambda p: (p / "checkpoint.json").write_text(json.dumps(
             {k: v for k, v in json.loads((p / "checkpoint.json").read_text()).items() if k != "lr_weight"})),
-        "does not match the adapter": lambda p: (p / "adapter" / "adapter_config.json").write_text(
-            (p / "adapter" / "adapter_config.json").read_text() + " "),
+        "does not match the adapter": lambda p: (p / "adapter" / "adapter_config.json").write_text(json.dumps(
+            {**json.loads((p / "adapter" / "adapter_config.json").read_text()), "r": 3})),
     }
     for message, edit in cases.items():
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(broken(edit))
     assert adapter_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == \
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_resume_with_a_changed_nested_setting_names_the_field_and_both_values(tmp_path: Path):
+    from iaif.common.provenance import write_run_info
+    from iaif.training.finetune import TrainConfig, TrainingSettings, _check_resumable
+
+    before = TrainConfig(output_dir=str(tmp_path), training=TrainingSettings(learning_rate=2e-5, num_epochs=4))
+    write_run_info(tmp_path, before, "train")
+    after = TrainConfig(output_dir=str(tmp_path), training=TrainingSettings(learning_rate=1e-4, num_epochs=4))
+    with pytest.raises(ValueError) as err:
+        _check_resumable(tmp_path, after, resume=True)
+    assert str(err.value) == (f"{tmp_path / 'config.yaml'}: cannot resume with changed settings: "
+                              "training.learning_rate: 2e-05 (earlier run) -> 0.0001 (set them back, or use another output_dir)")
+    _check_resumable(tmp_path, before, resume=True)  # unchanged: resumes

@@ -124,3 +124,88 @@ def test_build_trainer_full_parameter_training_as_for_pretraining(tiny_model_dir
     assert trainer.state.global_step == 8
     assert loss() < before - 1.0
     assert not list((tmp_path / "trainer").glob("checkpoint-*"))
+
+
+def _saved_adapter(tiny_model_dir: Path, out: Path) -> tuple[object, Path]:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=4, alpha=8))
+    model.save_pretrained(str(out))
+    return model, out
+
+
+def test_adapter_hash_does_not_depend_on_config_order_written_by_the_process(tiny_model_dir: Path, tmp_path: Path):
+    """peft writes target_modules (a set) in an order that changes between processes: byte-identical
+    weights must keep one hash, and the in-memory adapter must hash like its saved folder."""
+    from iaif.training.lora import model_adapter_hash
+
+    model, folder = _saved_adapter(tiny_model_dir, tmp_path / "a")
+    before = adapter_hash(folder)
+    assert model_adapter_hash(model) == before
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = list(reversed(sorted(config["target_modules"])))
+    config_file.write_text(json.dumps(dict(reversed(list(config.items()))), indent=4))
+    assert adapter_hash(folder) == before
+    config["r"] = 8  # what the adapter computes changes: so does the hash
+    config_file.write_text(json.dumps(config))
+    assert adapter_hash(folder) != before
+
+
+def test_adapter_hash_changes_with_one_weight(tiny_model_dir: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _saved_adapter(tiny_model_dir, tmp_path / "a")
+    before = adapter_hash(folder)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1e-3
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    assert adapter_hash(folder) != before
+
+
+def test_bitsandbytes_is_imported_only_when_4bit_is_asked_for(tiny_model_dir: Path, qlora_model_dir: Path):
+    """In a fresh process (as `iaif` starts one): an fp32 LoRA model leaves bitsandbytes unimported and
+    prints no third-party warning; a later 4-bit load in the same process still works."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from iaif.training.lora import LoraSettings, ModelConfig, add_lora, hide_bitsandbytes, load_base_model
+hide_bitsandbytes()
+add_lora(load_base_model(ModelConfig(name_or_path={str(tiny_model_dir)!r}, precision="fp32")), LoraSettings(r=2, alpha=4))
+print("fp32 bitsandbytes imported:", sys.modules.get("bitsandbytes") is not None, flush=True)
+try:
+    load_base_model(ModelConfig(name_or_path={str(qlora_model_dir)!r}, precision="4bit"))
+    print("4bit loaded:", type(sys.modules["bitsandbytes"]).__name__)
+except (RuntimeError, NotImplementedError) as err:  # no 4-bit support on this machine: still importable
+    print("4bit loaded: module", "(unsupported here)")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert "fp32 bitsandbytes imported: False" in lines
+    assert lines[-1].startswith("4bit loaded: module")
+    noise = [line for line in run.stderr.splitlines() if "Warning" in line or "kernels" in line]
+    assert noise == [], noise
+
+
+def test_redirected_train_log_has_no_progress_bars_and_no_third_party_warnings(tiny_model_dir: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i} it is."}) + "\n" for i in range(8)))
+    cmd = [sys.executable, "-m", "iaif", "train", "--data.path", str(pool), "--model.name-or-path", str(tiny_model_dir),
+           "--lora.r", "4", "--lora.alpha", "8", "--training.num-epochs", "1", "--training.effective-batch-size", "4",
+           "--training.per-device-batch-size", "4", "--training.max-length", "64", "--output-dir", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    noise = [line for line in run.stderr.splitlines() if "Warning" in line or "WARNING" in line or "it/s]" in line]
+    assert noise == [], noise
+    assert "'loss'" in run.stdout  # the Trainer's one-line logs stand in for its bar

@@ -112,6 +112,7 @@ class DataConfig:
 
 
 _FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".tsv": "flan_cot_tsv"}
+_OTHER_FILE_SUFFIXES = {".csv", ".txt", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".yaml", ".yml"}
 
 
 def _detect_format(path: str) -> str:
@@ -120,24 +121,59 @@ def _detect_format(path: str) -> str:
         return "disk"
     if p.exists():
         return _FILE_SUFFIXES.get(p.suffix.lower(), "jsonl")
-    if path.count("/") <= 1 and not path.startswith((".", "/", "~")) and p.suffix.lower() not in _FILE_SUFFIXES:
+    suffix = p.suffix.lower()
+    if (path.count("/") <= 1 and not path.startswith((".", "/", "~"))
+            and suffix not in _FILE_SUFFIXES and suffix not in _OTHER_FILE_SUFFIXES):
         return "hub"
     raise DataError(path, None, None, "no such file or folder")
 
 
+def json_error_text(err: json.JSONDecodeError) -> str:
+    """'malformed JSON: expecting value at column 31' from a decoder error (its message may end in 'at')."""
+    msg = err.msg[:1].lower() + err.msg[1:]
+    return f"malformed JSON: {msg}{'' if msg.endswith(' at') else ' at'} column {err.colno}"
+
+
+def _not_utf8(source: str, raw: bytes, err: UnicodeDecodeError) -> DataError:
+    """DataError naming the line and column of the first byte of ``raw`` (a whole file) that is not UTF-8."""
+    line = raw.count(b"\n", 0, err.start) + 1
+    column = err.start - raw.rfind(b"\n", 0, err.start)
+    return DataError(source, line, None, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column})")
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file; a byte that is not UTF-8 is a ``DataError`` naming the file and line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(str(path), raw, err) from None
+
+
+def read_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line) of a UTF-8 text file; a byte that is not UTF-8 is a
+    ``DataError`` naming the file and line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = _not_utf8(str(path), raw, err)
+                raise DataError(str(path), lineno, None, bad.problem) from None
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (1-based line number, record) for each non-blank line of a JSONL file of objects."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise DataError(str(path), lineno, None, f"malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(str(path), lineno, None, f"expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+    for lineno, raw in read_text_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            raise DataError(str(path), lineno, None, json_error_text(err)) from None
+        if not isinstance(rec, dict):
+            raise DataError(str(path), lineno, None, f"expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
@@ -158,11 +194,10 @@ def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
     if fmt == "jsonl":
         yield from read_jsonl(src)
     elif fmt == "json":
-        with open(src, encoding="utf-8") as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise DataError(src, err.lineno, None, f"malformed JSON ({err.msg})") from None
+        try:
+            data = json.loads(read_text(src))
+        except json.JSONDecodeError as err:
+            raise DataError(src, err.lineno, None, json_error_text(err)) from None
         if isinstance(data, dict):  # {"data": [...]} or {"examples": [...]}
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
@@ -173,14 +208,14 @@ def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise DataError(src, i, None, f"record {i} is not a JSON object")
             yield i, rec
     elif fmt == "flan_cot_tsv":
-        with open(src, encoding="utf-8", newline="") as fh:
-            for lineno, row in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != 3:
-                    raise DataError(src, lineno, None, f"expected 3 tab-separated columns (question, answer, rationale), got {len(row)}")
-                question, answer, rationale = (c.replace("\\n", "\n") for c in row)  # FLAN escapes newlines
-                yield lineno, {"question": question, "answer": answer, "rationale": rationale}
+        for lineno, line in read_text_lines(src):
+            row = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE), [])
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != 3:
+                raise DataError(src, lineno, None, f"expected 3 tab-separated columns (question, answer, rationale), got {len(row)}")
+            question, answer, rationale = (c.replace("\\n", "\n") for c in row)  # FLAN escapes newlines
+            yield lineno, {"question": question, "answer": answer, "rationale": rationale}
     elif fmt == "parquet":
         import datasets
 
@@ -193,7 +228,7 @@ def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
         if fmt == "disk":
             ds = datasets.load_from_disk(src)
         else:
-            ds = datasets.load_dataset(src, split=cfg.split)
+            ds = _load_hub(src, cfg.split, guessed=cfg.format == "auto")
         if isinstance(ds, datasets.DatasetDict):
             if cfg.split not in ds:
                 raise DataError(src, None, "split", f"split '{cfg.split}' not found; have {sorted(ds)}")
@@ -202,6 +237,22 @@ def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
             yield i, dict(rec)
     else:
         raise DataError(src, None, "format", f"unknown format '{fmt}'")
+
+
+def _load_hub(src: str, split: str, guessed: bool) -> Any:
+    """``datasets.load_dataset``; when ``src`` was only taken for a Hub id because no such local path
+    exists, a failure says that first."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(src, split=split)
+    except Exception as err:  # offline, unknown repository, network: many error types
+        text = str(err).strip()
+        reason = type(err).__name__ + (f": {text.splitlines()[0]}" if text else "")
+        if guessed:
+            problem = f"no such local file or folder, and not a reachable Hub dataset id either ({reason})"
+            raise DataError(src, None, None, problem) from None
+        raise DataError(src, None, None, f"cannot load the Hub dataset ({reason})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,33 +333,41 @@ def content_id(messages: Sequence[Message]) -> str:
 
 
 def load_examples(cfg: DataConfig | str) -> list[Example]:
-    """Load and normalise every record of a data source. Duplicate ids are reported and
-    disambiguated with a ``~N`` suffix so ids stay unique and stable."""
+    """Load and normalise every record of a data source. Ids that repeat are disambiguated with a
+    ``~N`` suffix (``a``, ``a~2``, ``a~3``; never colliding with another id of the file) so ids stay
+    unique and stable, and reported once, in one warning for the whole file."""
     if isinstance(cfg, str):
         cfg = DataConfig(path=cfg)
     if not cfg.path:
         raise DataError("<config>", None, "path", "no data path given")
     default_task = cfg.task or Path(cfg.path).stem
     examples: list[Example] = []
-    seen: Counter[str] = Counter()
-    first_line: dict[str, int] = {}
+    line_of: dict[str, int] = {}  # every id given so far -> its line
+    next_suffix: Counter[str] = Counter()
+    repeats: dict[str, list[int]] = {}  # repeated id -> lines of every record that has it
     for line, rec in iter_records(cfg):
         if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
             break
         messages = record_to_messages(rec, cfg.path, line)
         raw_id = rec.get("id")
         ex_id = str(raw_id) if raw_id not in (None, "") else content_id(messages)
-        seen[ex_id] += 1
-        if seen[ex_id] > 1:
-            logger.warning("%s:%d: duplicate id '%s' (first at line %d); kept as '%s~%d'",
-                           cfg.path, line, ex_id, first_line[ex_id], ex_id, seen[ex_id])
-            ex_id = f"{ex_id}~{seen[ex_id]}"
-        else:
-            first_line[ex_id] = line
+        if ex_id in line_of:
+            repeats.setdefault(ex_id, [line_of[ex_id]]).append(line)
+            next_suffix[ex_id] = max(next_suffix[ex_id], 2)
+            while f"{ex_id}~{next_suffix[ex_id]}" in line_of:
+                next_suffix[ex_id] += 1
+            ex_id = f"{ex_id}~{next_suffix[ex_id]}"
+        line_of[ex_id] = line
         task = cfg.task or str(rec.get("task") or default_task)
         examples.append(Example(ex_id, messages, cfg.path, line, task, rec))
     if not examples:
         raise DataError(cfg.path, None, None, "no records")
+    if repeats:
+        shown = "; ".join(f"'{i}' at lines {', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''}"
+                          for i, lines in list(repeats.items())[:3])
+        logger.warning("%s: %d id(s) repeat (%d record(s) in all), e.g. %s; the repeats are kept as '<id>~2', '<id>~3', ... "
+                       "(give every record its own id to avoid this)", cfg.path, len(repeats),
+                       sum(map(len, repeats.values())), shown)
     return examples
 
 

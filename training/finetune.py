@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from iaif.common.progress import on_terminal
 from iaif.common.provenance import CONFIG_FILE, config_to_dict, write_run_info
 from iaif.training.collate import PaddingCollator, TokenizedDataset
 from iaif.training.data import DataConfig, Example, Exclusion, TokenizedExample, load_examples, tokenize_examples
@@ -142,6 +143,7 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, preci
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         report_to="none",
+        disable_tqdm=not on_terminal(),  # redirected logs get the one-line loss logs instead of a bar
     )
 
 
@@ -205,9 +207,20 @@ def _check_resumable(out: Path, config: Any, resume: bool) -> None:
     for key in ("resume", "output_dir"):  # a moved folder may resume
         saved.pop(key, None)
         current.pop(key, None)
-    if saved != current:
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        raise ValueError(f"{out / CONFIG_FILE}: cannot resume with changed settings {changed}; use another output_dir")
+    changed = _changed_settings(saved, current)
+    if changed:
+        raise ValueError(f"{out / CONFIG_FILE}: cannot resume with changed settings: {'; '.join(changed)} "
+                         "(set them back, or use another output_dir)")
+
+
+def _changed_settings(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """'field.sub: saved value (earlier run) -> new value' for every leaf setting that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for key in sorted(set(saved) | set(current), key=str)
+                for line in _changed_settings(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    if saved == current:
+        return []
+    return [f"{prefix.rstrip('.')}: {saved!r} (earlier run) -> {current!r}"]
 
 
 def train_adapter(

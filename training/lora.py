@@ -9,7 +9,12 @@ input widths are multiples of its 64-value quantisation block (the QLoRA test us
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +57,52 @@ class LoraSettings:
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names that get an adapter."""
+
+
+def hide_bitsandbytes() -> None:
+    """Keep bitsandbytes from being imported until a 4-bit model is asked for (``load_base_model``):
+    peft and transformers import it whenever it is installed, which costs seconds and, without a GPU,
+    logs a warning about a missing ``kernels`` package. Called by the ``iaif`` command at start-up."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import raises ImportError, find_spec gives None
+
+
+def _allow_bitsandbytes() -> None:
+    """Undo ``hide_bitsandbytes`` and forget the availability answers given while it was hidden."""
+    if "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is not None:
+        return
+    del sys.modules["bitsandbytes"]
+    import peft.import_utils
+    import transformers.utils.import_utils
+
+    for check in (peft.import_utils.is_bnb_4bit_available, transformers.utils.import_utils.is_bitsandbytes_available):
+        getattr(check, "cache_clear", lambda: None)()
+    with _quiet_bitsandbytes_cpu_kernels():
+        import bitsandbytes  # noqa: F401
+
+
+@contextmanager
+def _quiet_bitsandbytes_cpu_kernels() -> Iterator[None]:
+    """Drop the one warning bitsandbytes logs on import without a GPU (optional ``kernels`` package missing)."""
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "kernels" not in record.getMessage()
+
+    cpu_ops.addFilter(keep)
+    try:
+        yield
+    finally:
+        cpu_ops.removeFilter(keep)
+
+
+@contextmanager
+def quiet_peft_calls() -> Iterator[None]:
+    """Around peft calls: hide the FutureWarning transformers raises when peft reads the deprecated
+    ``is_gradient_checkpointing`` property (peft's call, not ours)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16", "4bit"]:
@@ -98,6 +149,7 @@ def load_base_model(cfg: ModelConfig) -> torch.nn.Module:
         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
     )
     if precision == "4bit":
+        _allow_bitsandbytes()
         kwargs.update(quantization_config=nf4_quantization_config(), dtype=torch.bfloat16)
     else:
         kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -126,7 +178,8 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings) -> Any:
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with quiet_peft_calls():
+        peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d alpha=%d on %s: %d trainable parameters", lora.r, lora.alpha, lora.target_modules, trainable)
     return peft_model
@@ -145,19 +198,61 @@ def load_adapter(cfg: ModelConfig, adapter_dir: str | Path, trainable: bool = Fa
     for name in ADAPTER_FILES:
         if not (adapter_dir / name).is_file():
             raise FileNotFoundError(f"{adapter_dir}: not a peft adapter folder ({name} missing)")
-    return PeftModel.from_pretrained(load_base_model(cfg), str(adapter_dir), is_trainable=trainable)
+    base = load_base_model(cfg)
+    with quiet_peft_calls():
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+ADAPTER_HASH_IGNORED = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
+"""Adapter config fields that do not change what the adapter computes (where the base model was
+read from, and whether it was saved for inference), left out of ``adapter_hash``."""
+
+
+def _canonical(value: Any) -> Any:
+    """Config value with a fixed layout: dict keys sorted, lists of scalars sorted (peft's list fields,
+    e.g. target_modules, are sets whose saved order changes from process to process)."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_canonical(v) for v in value]
+        if all(isinstance(v, (str, int, float, bool)) or v is None for v in items):
+            return sorted(items, key=lambda v: (type(v).__name__, str(v)))
+        return items
+    return value
+
+
+def adapter_hash_of(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) of what defines a LoRA adapter: its canonicalised config (without
+    ``ADAPTER_HASH_IGNORED``) and its weights (by name in sorted order: name, dtype, shape, bytes).
+    The one definition of the adapter hash, for saved folders and for adapters in memory alike."""
+    digest = hashlib.sha256()
+    kept = {k: v for k, v in config.items() if k not in ADAPTER_HASH_IGNORED}
+    digest.update(json.dumps(_canonical(kept), sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def adapter_hash(adapter_dir: str | Path) -> str:
-    """SHA-256 (16 hex digits) of an adapter folder's config and weights files."""
-    digest = hashlib.sha256()
+    """``adapter_hash_of`` a saved peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import load_file
+
     for name in ADAPTER_FILES:
-        path = Path(adapter_dir) / name
-        if not path.is_file():
+        if not (Path(adapter_dir) / name).is_file():
             raise FileNotFoundError(f"{adapter_dir}: not a peft adapter folder ({name} missing)")
-        digest.update(name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    config = json.loads((Path(adapter_dir) / ADAPTER_FILES[0]).read_text(encoding="utf-8"))
+    return adapter_hash_of(config, load_file(str(Path(adapter_dir) / ADAPTER_FILES[1])))
+
+
+def model_adapter_hash(model: Any, adapter_name: str = "default") -> str:
+    """``adapter_hash_of`` the adapter of a PeftModel in memory: equal to ``adapter_hash`` of the
+    folder ``model.save_pretrained`` writes."""
+    from peft import get_peft_model_state_dict
+
+    config = model.peft_config[adapter_name].to_dict()
+    return adapter_hash_of(config, get_peft_model_state_dict(model, adapter_name=adapter_name))
 
 
 def _require_name(cfg: ModelConfig) -> None:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.func import grad
-from tqdm import tqdm
 
+from iaif.common.progress import progress_iter
 from iaif.evaluation.fidelity.hessian import Curvature
 from iaif.evaluation.fidelity.objective import Problem, hvp_of
 from iaif.selection.estimators import basu_group_displacement, ef_group_estimate, group_estimate
@@ -31,7 +31,7 @@ def estimate_groups(problem: Problem, theta: torch.Tensor, curvature: Curvature,
     grad_f = grad(problem.target)(theta)
     g_target = problem.per_example_grads(theta, problem.data.x_target, problem.data.y_target)
     out = np.empty((len(groups), len(ESTIMATORS)))
-    for i, index in enumerate(tqdm(groups, desc=label, unit="group", leave=False)):
+    for i, index in enumerate(progress_iter(groups, len(groups), label, "group")):
         idx = torch.as_tensor(index)
         group_loss = lambda t, idx=idx: problem.group_loss(t, idx)  # noqa: E731
         g_sum = grad(group_loss)(theta)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from iaif.common.progress import progress_iter
 from iaif.evaluation.fidelity.objective import Problem
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class RetrainCache:
     def full_model(self, problem: Problem, theta0: torch.Tensor, settings: FitSettings) -> torch.Tensor:
         """θ* from the cache, else trained from θ₀ and stored."""
         if self.theta_path.is_file():
-            return torch.load(self.theta_path)
+            return torch.load(self.theta_path, weights_only=True)
         theta = fit(problem, theta0, settings)
         torch.save(theta, self.theta_path)
         return theta
@@ -106,7 +106,7 @@ def leave_group_out(
     todo = [(g, s) for g, idx in enumerate(groups) for s, c in enumerate(caches) if group_key(idx) not in c.values]
     if len(todo) < len(groups) * len(caches):
         logger.info("%s: %d of %d retrainings found in the cache", label, len(groups) * len(caches) - len(todo), len(groups) * len(caches))
-    for g, s in tqdm(todo, desc=label, unit="retrain"):
+    for g, s in progress_iter(todo, len(todo), label, "retrain"):
         weights = torch.ones(problem.n, dtype=torch.float64)
         weights[torch.as_tensor(groups[g])] = 0.0
         start = theta_full[s] if warm_start else theta_init[s]

@@ -34,10 +34,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from iaif.common.progress import progress
 from iaif.selection.features.adam import AdamPreconditioner
 from iaif.selection.features.batching import group_shards, token_budget_batches
+from iaif.selection.features.fingerprint import EXCLUDED_FILE, dataset_fingerprint, write_digests
 from iaif.selection.features.per_example_grads import LoraGradientHooks, LoraMatrix, Relabel, backward_per_example, find_lora_matrices
 from iaif.selection.features.projection import DenseProjector, KroneckerProjector, ProjectionKind
 from iaif.selection.features.store import META_FILE, ShardWriter, StoreMismatchError, require_match
@@ -48,7 +49,6 @@ from iaif.training.data import (
     TULU_SYSTEM,
     TULU_USER,
     DataConfig,
-    TokenizedExample,
     load_examples,
     tokenize_examples,
 )
@@ -208,14 +208,6 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def dataset_fingerprint(examples: list[TokenizedExample]) -> str:
-    """Hash of the ids, token ids and loss masks in order (so it covers data, tokenizer, template and max_length)."""
-    digest = hashlib.sha256()
-    for ex in examples:
-        digest.update(json.dumps([ex.id, ex.input_ids, ex.labels], separators=(",", ":")).encode())
-    return digest.hexdigest()[:16]
-
-
 def template_hash(template: str, tokenizer: Any) -> str:
     """Hash of the prompt format: the Tulu markers or the tokenizer's chat template, plus the eos token."""
     body = tokenizer.chat_template if template == "chat" else TULU_SYSTEM + TULU_USER + TULU_ASSISTANT
@@ -226,7 +218,7 @@ def _load_model(cfg: ExtractConfig, device: torch.device) -> tuple[Any, dict[str
     """(PeftModel on ``device``, checkpoint metadata for the store, Adam preconditioner or None)."""
     from iaif.training.checkpoint import META_FILE as CHECKPOINT_META
     from iaif.training.checkpoint import load_checkpoint
-    from iaif.training.lora import adapter_hash, add_lora, load_adapter, load_base_model
+    from iaif.training.lora import adapter_hash, add_lora, load_adapter, load_base_model, model_adapter_hash
 
     adam = None
     if not cfg.checkpoint:
@@ -234,12 +226,7 @@ def _load_model(cfg: ExtractConfig, device: torch.device) -> tuple[Any, dict[str
             raise ValueError("feature=adam needs a warm-up checkpoint (checkpoint: ...checkpoint-epochE)")
         torch.manual_seed(cfg.seed)
         model = add_lora(load_base_model(cfg.model), cfg.lora)
-        digest = hashlib.sha256()
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                digest.update(name.encode())
-                digest.update(p.detach().float().cpu().numpy().tobytes())
-        info = {"checkpoint": None, "adapter_hash": "fresh-" + digest.hexdigest()[:16], "lr_weight": None}
+        info = {"checkpoint": None, "adapter_hash": "fresh-" + model_adapter_hash(model), "lr_weight": None}
     elif (Path(cfg.checkpoint) / CHECKPOINT_META).is_file():
         ckpt = load_checkpoint(cfg.checkpoint)
         if ckpt.base_model != cfg.model.name_or_path:
@@ -277,6 +264,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
     """Compute the store (or finish a killed run of it) and return its folder."""
     from accelerate import PartialState
 
+    from iaif.common.atomic import atomic_write_text
     from iaif.common.provenance import package_version, write_run_info
     from iaif.training.lora import load_tokenizer
 
@@ -325,14 +313,15 @@ def run_extract(cfg: ExtractConfig) -> Path:
     if state.is_main_process:
         writer.claim({**meta, "token_budget": cfg.token_budget, "max_batch_size": cfg.max_batch_size,
                       "shard_examples": cfg.shard_examples})
-        (out_dir / "excluded.json").write_text(json.dumps([vars(e) for e in excluded], indent=2), encoding="utf-8")
+        atomic_write_text(out_dir / EXCLUDED_FILE, json.dumps([vars(e) for e in excluded], indent=2))
+        write_digests(out_dir, examples)
     state.wait_for_everyone()
 
     mine = [s for s in range(state.process_index, len(plan), state.num_processes) if not writer.is_done(s)]
     todo = sum(len(b) for s in mine for b in plan[s])
     logger.info("rank %d: %d of %d shards to do (%d examples)", state.process_index, len(mine), len(plan), todo)
     collate = PaddingCollator(tokenizer.pad_token_id)
-    bar = tqdm(total=todo, unit="ex", desc=f"extract[{state.process_index}]", position=state.process_index)
+    bar = progress(todo, f"extract[{state.process_index}]", "ex", position=state.process_index)
     start, tokens = time.perf_counter(), 0
     for shard in mine:
         rows, values = [], []

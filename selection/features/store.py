@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from iaif.common.atomic import atomic_write_text, remove_stale_temps, temp_path
+
 FEATURES_FILE = "features.npy"
 IDS_FILE = "ids.json"
 META_FILE = "meta.json"
@@ -91,13 +93,15 @@ class ShardWriter:
         """Start or resume ``job`` (one process only): an unfinished job of another configuration
         in the folder is an error, never mixed in."""
         job_file = self.shard_dir / JOB_FILE
+        remove_stale_temps(self.out_dir)
+        remove_stale_temps(self.shard_dir)
         if job_file.is_file():
             previous = json.loads(job_file.read_text(encoding="utf-8"))
             require_match(previous, job, sorted(set(previous) | set(job)),
                           f"{self.out_dir} holds an unfinished extract job with other settings")
             return
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(job_file, json.dumps(dict(job), indent=2, sort_keys=True))
+        atomic_write_text(job_file, json.dumps(dict(job), indent=2, sort_keys=True))
 
     def _path(self, shard: int) -> Path:
         return self.shard_dir / f"shard-{shard:05d}.npz"
@@ -107,8 +111,9 @@ class ShardWriter:
 
     def write(self, shard: int, rows: np.ndarray, values: np.ndarray) -> None:
         """Save one finished shard (row indices into the dataset and their features) atomically."""
-        tmp = self.shard_dir / f".tmp-{shard:05d}-{os.getpid()}.npz"
-        np.savez(tmp, rows=rows, values=values)
+        tmp = temp_path(self._path(shard))
+        with open(tmp, "wb") as fh:
+            np.savez(fh, rows=rows, values=values)
         os.replace(tmp, self._path(shard))
 
     def assemble(self, num_shards: int, ids: Sequence[str], dim: int, dtype: str, meta: Mapping[str, Any]) -> Path:
@@ -129,13 +134,7 @@ class ShardWriter:
         array.flush()
         del array
         os.replace(tmp_features, self.out_dir / FEATURES_FILE)
-        _atomic_write_text(self.out_dir / IDS_FILE, json.dumps(list(ids)))
-        _atomic_write_text(self.out_dir / META_FILE, json.dumps(dict(meta), indent=2, sort_keys=True))
+        atomic_write_text(self.out_dir / IDS_FILE, json.dumps(list(ids)))
+        atomic_write_text(self.out_dir / META_FILE, json.dumps(dict(meta), indent=2, sort_keys=True))
         shutil.rmtree(self.shard_dir)
         return self.out_dir
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
