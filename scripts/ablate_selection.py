@@ -76,6 +76,7 @@ def run_variant(base: PipelineConfig, run_dir: Path, out: Path, variant: dict[st
     targets = {p.stem: str(p) for p in sorted(select_dir.glob("*.jsonl"))}
     cfg = dataclasses.replace(
         base, output_dir=str(folder), methods=[variant["method"]], targets=targets, eval_base=False,
+        pool_feature=variant.get("pool_feature", base.pool_feature),
         demo_data={**(base.demo_data or {}), "output_dir": str(run_dir / "demo_data")},
         select={**base.select, **variant.get("select", {})},
         eval={**base.eval, "demo_targets": str(eval_dir)})
