@@ -11,8 +11,9 @@ Tasks come from three places: local benchmarks converted from the shared data fo
 
 - ``lm_eval_results.json`` — lm-eval's own result dictionary, unchanged (samples left out);
 - ``samples/<task>.jsonl`` — per-example inputs, outputs and scores (``log_samples``);
-- ``scores.json`` — the headline score of every requested task, read from the file above, with the
-  prompt template, chat template text and few-shot settings it was produced with.
+- ``scores.json`` — the headline score of every requested task (and, keyed ``demo/<task>:answer_nll``,
+  the answer NLL of each demo task), read from the file above, with the prompt template, chat
+  template text and few-shot settings it was produced with.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class EvalConfig:
     """A demo data `targets/` folder; every task in it (or `demo_tasks`) is evaluated as `demo/<task>`."""
     demo_tasks: list[str] | None = None
     """Subset of the demo target tasks (None: all)."""
+    answer_nll: bool = True
+    """Demo target tasks: also score the answer NLL, -log P(gold answer | prompt) in nats per answer, mean over questions."""
     lm_eval_tasks: list[str] = field(default_factory=list)
     """lm-eval built-in task names (downloaded from the Hub; not available offline)."""
     data_dir: str | None = None
@@ -94,6 +97,13 @@ class TaskScore:
     stderr: float | None
     num_fewshot: int
     num_examples: int
+    measure: str = "score"
+    higher_is_better: bool = True
+
+    @property
+    def key(self) -> str:
+        """Key in ``scores.json``: the short name, with ``:<measure>`` for measures beside the headline score."""
+        return self.name if self.measure == "score" else f"{self.name}:{self.measure}"
 
 
 def _device(name: str) -> str:
@@ -173,7 +183,8 @@ def headline_scores(results: dict[str, Any], entries: list[Any]) -> list[TaskSco
         stderr = row.get(f"{name}_stderr,{filt}")
         scores.append(TaskScore(e.name, e.lm_eval_name, e.metric, float(row[e.metric]),
                                 float(stderr) if isinstance(stderr, (int, float)) else None,
-                                e.num_fewshot, int(row.get("sample_len", e.num_examples))))
+                                e.num_fewshot, int(row.get("sample_len", e.num_examples)), e.measure,
+                                e.higher_is_better))
     return scores
 
 
@@ -194,7 +205,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     include_path = None
     if cfg.tasks or cfg.demo_targets:
         built = build_tasks(out / "tasks", cfg.tasks, cfg.data_dir, cfg.demo_targets, cfg.demo_tasks,
-                            cfg.max_subtasks, cfg.num_fewshot)
+                            cfg.max_subtasks, cfg.num_fewshot, cfg.answer_nll)
         entries, include_path = built.entries, str(built.include_path)
     for name in cfg.lm_eval_tasks:  # built-in: headline metric unknown in advance, read the first one
         entries.append(TaskEntry(name, name, "", cfg.num_fewshot.get(name, -1)))
@@ -237,7 +248,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     _write_json(out / SCORES_FILE, {
         "model": cfg.model, "adapter": cfg.adapter, "backend": backend, "limit": cfg.limit, "seed": cfg.seed,
         **settings,
-        "tasks": {s.name: s.__dict__ for s in scores},
+        "tasks": {s.key: s.__dict__ for s in scores},
     })
     for s in scores:
         logger.info("%-24s %s = %.4f (%d-shot)", s.name, s.metric, s.score, s.num_fewshot)

@@ -1,14 +1,17 @@
 """Comparison report: every selection method × target task, over seeds.
 
 Scores are read straight from lm-eval's result files (``lm_eval_results.json`` of each eval run,
-at the headline metric key recorded in its ``scores.json``), never re-computed. Writes into the
-report folder:
+at the metric key recorded in its ``scores.json``), never re-computed. Each eval run may hold
+several *measures* per task: ``score`` (the task's headline metric, e.g. exact match) and, for the
+demo tasks, ``answer_nll`` (mean -log P(gold answer | prompt) in nats per answer; lower is better).
+Writes into the report folder:
 
-- ``report.md`` — a table of mean ± std over seeds per method and task, the number of tasks each
-  method wins (highest mean; tied methods all count), the selection statistics (composition per
-  source and per task, duplicate rate, from each selection's ``summary.json``) and the plots;
+- ``report.md`` — per measure a table of mean ± std over seeds per method and task, the mean over
+  tasks (per seed, then mean ± std over seeds), the best per task in bold (highest, or lowest where
+  lower is better) and the number of tasks each method wins (tied methods all count); then the
+  selection diagnostics of :mod:`iaif.evaluation.diagnostics` and the plots;
 - ``results.json`` — the same numbers, machine-readable, with per-seed scores and eval settings;
-- ``scores.png`` (scores per task) and ``composition.png`` (composition of each selection).
+- ``scores.png`` (each measure per task) and ``composition.png`` (picks per task of each selection).
 
 std is the sample standard deviation over seeds (ddof=1; 0 with a single seed).
 """
@@ -22,10 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iaif.evaluation.diagnostics import selection_diagnostics
 from iaif.evaluation.lm_eval_runner import RESULTS_FILE, SCORES_FILE
+from iaif.evaluation.tasks.likelihood import ANSWER_NLL
 
 REPORT_FILE = "report.md"
 RESULTS_JSON = "results.json"
+HEADLINE = "score"
+MEASURE_TITLES = {
+    HEADLINE: "Headline metric (exact match on the demo tasks; higher is better)",
+    ANSWER_NLL: "Answer NLL: -log P(gold answer | prompt) in nats per answer, mean over the test questions "
+                "(lower is better)",
+}
 
 
 @dataclass(frozen=True)
@@ -37,16 +48,21 @@ class EvalRun:
     eval_dir: Path
 
 
-def read_run_scores(eval_dir: str | Path) -> tuple[dict[str, float], dict[str, Any]]:
-    """Headline score per task of one eval folder, read from lm-eval's result file; and settings."""
+def read_run_scores(eval_dir: str | Path) -> tuple[dict[tuple[str, str], float], dict[str, bool], dict[str, Any]]:
+    """One eval folder: value per (task, measure) read from lm-eval's result file; whether higher is
+    better per measure; and the eval settings."""
     eval_dir = Path(eval_dir)
     summary = json.loads((eval_dir / SCORES_FILE).read_text(encoding="utf-8"))
     results = json.loads((eval_dir / RESULTS_FILE).read_text(encoding="utf-8"))["results"]
-    scores = {name: float(results[t["lm_eval_name"]][t["metric"]]) for name, t in summary["tasks"].items()}
+    scores, higher = {}, {}
+    for key, t in summary["tasks"].items():
+        measure = t.get("measure", HEADLINE)
+        scores[(t.get("name", key), measure)] = float(results[t["lm_eval_name"]][t["metric"]])
+        higher[measure] = bool(t.get("higher_is_better", True))
     settings = {k: v for k, v in summary.items() if k not in ("tasks", "chat_template")}
-    settings["tasks"] = {name: {"metric": t["metric"], "num_fewshot": t["num_fewshot"], "num_examples": t["num_examples"]}
-                         for name, t in summary["tasks"].items()}
-    return scores, settings
+    settings["tasks"] = {key: {"metric": t["metric"], "num_fewshot": t["num_fewshot"], "num_examples": t["num_examples"]}
+                         for key, t in summary["tasks"].items()}
+    return scores, higher, settings
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -56,39 +72,51 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def aggregate(runs: list[EvalRun]) -> dict[str, Any]:
-    """Per method and task: per-seed scores, mean and std; wins per method; eval settings."""
-    per: dict[str, dict[str, dict[int, float]]] = {}
-    settings: dict[str, Any] = {}
-    for run in runs:
-        scores, settings = read_run_scores(run.eval_dir)
-        for task, score in scores.items():
-            per.setdefault(run.method, {}).setdefault(task, {})[run.seed] = score
-    methods = list(dict.fromkeys(r.method for r in runs))
+def _cell(per_seed: dict[int, float]) -> dict[str, Any]:
+    mean, std = _mean_std(list(per_seed.values()))
+    return {"mean": mean, "std": std, "n": len(per_seed), "per_seed": {str(s): v for s, v in sorted(per_seed.items())}}
+
+
+def _best(means: dict[str, float], higher_is_better: bool) -> list[str]:
+    top = (max if higher_is_better else min)(means.values())
+    return [m for m, v in means.items() if math.isclose(v, top, rel_tol=0, abs_tol=1e-12)]
+
+
+def _measure_table(per: dict[str, dict[str, dict[int, float]]], methods: list[str], higher_is_better: bool) -> dict[str, Any]:
+    """Cells per method and task, the mean over tasks, the best per task and the wins of one measure."""
+    methods = [m for m in methods if m in per]
     tasks = sorted({t for m in per.values() for t in m})
-    table = {m: {t: dict(zip(("mean", "std"), _mean_std(list(per[m][t].values()))),
-                     n=len(per[m][t]), per_seed={str(s): v for s, v in sorted(per[m][t].items())})
-                 for t in tasks if t in per[m]} for m in methods}
+    table = {m: {t: _cell(per[m][t]) for t in tasks if t in per[m]} for m in methods}
+    over_tasks = {}
+    for m in methods:
+        seeds = set.intersection(*(set(per[m].get(t, {})) for t in tasks))
+        if seeds:
+            over_tasks[m] = _cell({s: sum(per[m][t][s] for t in tasks) / len(tasks) for s in seeds})
     wins = Counter({m: 0 for m in methods})
     best: dict[str, list[str]] = {}
     for t in tasks:
-        means = {m: table[m][t]["mean"] for m in methods if t in table[m]}
-        top = max(means.values())
-        best[t] = [m for m, v in means.items() if math.isclose(v, top, rel_tol=0, abs_tol=1e-12)]
+        best[t] = _best({m: table[m][t]["mean"] for m in methods if t in table[m]}, higher_is_better)
         wins.update(best[t])
-    return {"methods": methods, "tasks": tasks, "scores": table, "wins": dict(wins), "best": best, "eval_settings": settings}
+    best_mean = _best({m: c["mean"] for m, c in over_tasks.items()}, higher_is_better) if over_tasks else []
+    return {"higher_is_better": higher_is_better, "tasks": tasks, "scores": table, "mean_over_tasks": over_tasks,
+            "best": best, "best_mean": best_mean, "wins": dict(wins)}
 
 
-def selection_stats(summary_path: str | Path) -> dict[str, Any]:
-    """Composition per source and per task, size and duplicate rate of one selection summary."""
-    summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
-    return {
-        "k": summary.get("k"),
-        "per_source": summary.get("counts_per_source", {}),
-        "per_task": summary.get("counts_per_task", {}),
-        "duplicate_rate": summary.get("duplicate_rate"),
-        "objective": summary.get("objective"),
-    }
+def aggregate(runs: list[EvalRun]) -> dict[str, Any]:
+    """Per measure (headline score first), method and task: per-seed values, mean and std; the mean
+    over tasks; best and wins per measure; eval settings."""
+    per: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
+    higher: dict[str, bool] = {}
+    settings: dict[str, Any] = {}
+    for run in runs:
+        scores, run_higher, settings = read_run_scores(run.eval_dir)
+        higher.update(run_higher)
+        for (task, measure), value in scores.items():
+            per.setdefault(measure, {}).setdefault(run.method, {}).setdefault(task, {})[run.seed] = value
+    methods = list(dict.fromkeys(r.method for r in runs))
+    order = sorted(per, key=lambda m: (m != HEADLINE, m))
+    return {"methods": methods, "measures": {m: _measure_table(per[m], methods, higher[m]) for m in order},
+            "eval_settings": settings}
 
 
 def _plot_scores(agg: dict[str, Any], path: Path) -> None:
@@ -97,16 +125,20 @@ def _plot_scores(agg: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods, tasks = agg["methods"], agg["tasks"]
-    width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
-    for i, m in enumerate(methods):
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(tasks))]
-        cells = [agg["scores"][m].get(t, {"mean": math.nan, "std": 0.0}) for t in tasks]
-        ax.bar(xs, [c["mean"] for c in cells], width, yerr=[c["std"] for c in cells], capsize=2, label=m)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
-    ax.set_ylabel("score (mean ± std over seeds)")
-    ax.legend(fontsize="small", ncol=min(len(methods), 4))
+    measures = agg["measures"]
+    width_tasks = max(len(t["tasks"]) for t in measures.values())
+    fig, axes = plt.subplots(len(measures), 1, figsize=(max(6, 1.6 * width_tasks + 2), 4 * len(measures)), squeeze=False)
+    for ax, (measure, table) in zip(axes[:, 0], measures.items()):
+        methods, tasks = list(table["scores"]), table["tasks"]
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(tasks))]
+            cells = [table["scores"][m].get(t, {"mean": math.nan, "std": 0.0}) for t in tasks]
+            ax.bar(xs, [c["mean"] for c in cells], width, yerr=[c["std"] for c in cells], capsize=2, label=m)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
+        direction = "higher" if table["higher_is_better"] else "lower"
+        ax.set_ylabel(f"{measure} (mean ± std over seeds; {direction} is better)", fontsize="small")
+        ax.legend(fontsize="small", ncol=min(len(methods), 4))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -141,19 +173,46 @@ def _fmt(cell: dict[str, Any] | None, bold: bool) -> str:
     return f"**{text}**" if bold else text
 
 
+def _measure_lines(measure: str, table: dict[str, Any]) -> list[str]:
+    tasks = table["tasks"]
+    lines = [f"## {MEASURE_TITLES.get(measure, measure)}", "",
+             "| method | " + " | ".join(tasks) + " | mean over tasks | wins |", "|---" * (len(tasks) + 3) + "|"]
+    for m, cells in table["scores"].items():
+        row = [_fmt(cells.get(t), m in table["best"][t]) for t in tasks]
+        row.append(_fmt(table["mean_over_tasks"].get(m), m in table["best_mean"]))
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {table['wins'][m]} |")
+    return lines + [""]
+
+
+def _selection_lines(selections: dict[str, dict[str, Any]]) -> list[str]:
+    def opt(value: Any, fmt: str = "{}") -> str:
+        return "–" if value is None else fmt.format(value)
+
+    lines = ["## Selections", "",
+             "Read from each selection's `selected.jsonl` (`iaif.evaluation.diagnostics`): distinct prompts (and the "
+             "most picks of one prompt), the share of wrong-answer picks (`meta.wrong`), picks from near-duplicate "
+             "clusters (`meta.cluster`; distinct clusters in brackets) and the picks per task. `–`: the pool records "
+             "carry no such `meta` field.", "",
+             "| selection | picks | distinct prompts (max repeats) | wrong-answer share | cluster picks (clusters) "
+             "| per task |", "|---|---|---|---|---|---|"]
+    for name, d in selections.items():
+        tasks = ", ".join(f"{k}: {v}" for k, v in d["per_task"].items())
+        clusters = "–" if d["cluster_picks"] is None else f"{d['cluster_picks']} ({d['clusters']})"
+        lines.append(f"| {name} | {d['k']} | {d['distinct_prompts']} ({d['max_prompt_repeats']}) | "
+                     f"{opt(d['wrong_share'], '{:.3f}')} | {clusters} | {tasks} |")
+    return lines + ["", "![picks per task of each selection](composition.png)", ""]
+
+
 def _markdown(agg: dict[str, Any], selections: dict[str, dict[str, Any]], title: str) -> str:
-    methods, tasks = agg["methods"], agg["tasks"]
-    seeds = sorted({s for m in methods for t in tasks for s in agg["scores"][m].get(t, {}).get("per_seed", {})})
-    lines = [f"# {title}", "", f"Seeds: {', '.join(seeds)}. Cells: mean ± std (sample std over seeds) of each task's "
-             "headline lm-eval metric; the best mean per task is bold. Wins: tasks where the method has the best mean "
-             "(ties count for every tied method).", ""]
-    lines.append("| method | " + " | ".join(tasks) + " | wins |")
-    lines.append("|---" * (len(tasks) + 2) + "|")
-    for m in methods:
-        cells = [_fmt(agg["scores"][m].get(t), m in agg["best"][t]) for t in tasks]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {agg['wins'][m]} |")
+    seeds = sorted({s for table in agg["measures"].values() for cells in table["scores"].values()
+                    for c in cells.values() for s in c["per_seed"]}, key=int)
+    lines = [f"# {title}", "", f"Seeds: {', '.join(seeds)}. Cells: mean ± std (sample std over seeds); mean over "
+             "tasks: the mean over the tasks per seed, then mean ± std over seeds. The best mean per column is bold. "
+             "Wins: tasks where the method has the best mean (ties count for every tied method).", ""]
+    for measure, table in agg["measures"].items():
+        lines += _measure_lines(measure, table)
     ev = agg["eval_settings"]
-    lines += ["", "## Evaluation settings", "",
+    lines += ["## Evaluation settings", "",
               f"Prompt format `{ev.get('template')}` (chat template applied: {ev.get('apply_chat_template')}, "
               f"few-shot as multi-turn: {ev.get('fewshot_as_multiturn')}), backend `{ev.get('backend')}`, "
               f"limit {ev.get('limit')}, seed {ev.get('seed')}.", "",
@@ -162,30 +221,25 @@ def _markdown(agg: dict[str, Any], selections: dict[str, dict[str, Any]], title:
         lines.append(f"| {t} | `{s['metric']}` | {s['num_fewshot']} | {s['num_examples']} |")
     lines += ["", "![scores per task](scores.png)", ""]
     if selections:
-        lines += ["## Selections", "", "| selection | size | duplicate rate | per source | per task |", "|---|---|---|---|---|"]
-        for name, s in selections.items():
-            src = ", ".join(f"{Path(k).name}: {v}" for k, v in sorted(s["per_source"].items()))
-            tsk = ", ".join(f"{k}: {v}" for k, v in sorted(s["per_task"].items()))
-            dup = "–" if s["duplicate_rate"] is None else f"{s['duplicate_rate']:.3f}"
-            lines.append(f"| {name} | {s['k']} | {dup} | {src} | {tsk} |")
-        lines += ["", "![composition of each selection](composition.png)", ""]
+        lines += _selection_lines(selections)
     return "\n".join(lines)
 
 
-def write_report(runs: list[EvalRun], selection_summaries: dict[str, str | Path], out_dir: str | Path,
+def write_report(runs: list[EvalRun], selections: dict[str, str | Path], out_dir: str | Path,
                  title: str = "iaif comparison") -> Path:
-    """Write report.md, results.json and the plots into ``out_dir``; return the report path."""
+    """Write report.md, results.json and the plots into ``out_dir``; return the report path.
+    ``selections``: selection name -> its ``iaif select`` folder (or ``selected.jsonl``)."""
     if not runs:
         raise ValueError("report: no evaluation runs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs)
-    selections = {name: selection_stats(p) for name, p in selection_summaries.items()}
+    diagnostics = {name: selection_diagnostics(p).to_dict() for name, p in selections.items()}
     _plot_scores(agg, out / "scores.png")
-    if selections:
-        _plot_composition(selections, out / "composition.png")
-    payload = {**agg, "selections": selections,
+    if diagnostics:
+        _plot_composition(diagnostics, out / "composition.png")
+    payload = {**agg, "selections": diagnostics,
                "runs": [{"method": r.method, "seed": r.seed, "eval_dir": str(r.eval_dir)} for r in runs]}
     (out / RESULTS_JSON).write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    (out / REPORT_FILE).write_text(_markdown(agg, selections, title), encoding="utf-8")
+    (out / REPORT_FILE).write_text(_markdown(agg, diagnostics, title), encoding="utf-8")
     return out / REPORT_FILE

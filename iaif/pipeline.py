@@ -315,8 +315,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         return out
     from iaif.evaluation.report import write_report
 
-    report = write_report(runs, {name: folder / "summary.json" for name, folder in selections.items()},
-                          out / "report", title=f"iaif comparison: {Path(cfg.output_dir).name}")
+    report = write_report(runs, selections, out / "report", title=f"iaif comparison: {Path(cfg.output_dir).name}")
     finished("report", str(report))
     return report
 

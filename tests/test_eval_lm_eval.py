@@ -35,10 +35,12 @@ def test_lm_eval_completes_on_real_local_tasks(eval_dir):
     results = json.loads((eval_dir / RESULTS_FILE).read_text())
     for task in ("iaif_gsm8k", "iaif_mmlu_abstract_algebra", "iaif_mmlu_anatomy", "iaif_demo_add"):
         assert results["n-samples"][task]["effective"] == 2
+    assert results["n-samples"]["iaif_demo_add_nll"]["effective"] == 2
     assert results["n-shot"]["iaif_mmlu"] == 5 and results["n-shot"]["iaif_gsm8k"] == 8
     scores = json.loads((eval_dir / SCORES_FILE).read_text())
     assert scores["template"] == "tulu" and scores["apply_chat_template"] and "<|assistant|>" in scores["chat_template"]
-    assert set(scores["tasks"]) == {"gsm8k", "mmlu", "demo/add"}
+    assert set(scores["tasks"]) == {"gsm8k", "mmlu", "demo/add", "demo/add:answer_nll"}
+    assert scores["tasks"]["demo/add:answer_nll"]["higher_is_better"] is False
     assert (eval_dir / "config.yaml").is_file() and (eval_dir / "run_info.json").is_file()
 
 
@@ -69,28 +71,39 @@ def _independent_scores(eval_dir: Path) -> dict[str, float]:
             "demo/add": results["iaif_demo_add"]["exact_match,none"]}
 
 
-def _fake_eval(folder: Path, scores: dict[str, float]) -> Path:
-    """An eval folder in the runner's format with given lm-eval results (for the statistics test)."""
+def _fake_eval(folder: Path, scores: dict[str, float], nll: dict[str, float] | None = None) -> Path:
+    """An eval folder in the runner's format with given lm-eval results (for the statistics tests):
+    headline accuracy per task and, optionally, answer NLL per task."""
     folder.mkdir(parents=True)
     tasks = {t: {"lm_eval_name": f"x_{t}", "metric": "acc,none", "num_fewshot": 0, "num_examples": 10} for t in scores}
+    results = {f"x_{t}": {"acc,none": v} for t, v in scores.items()}
+    for t, v in (nll or {}).items():
+        tasks[f"{t}:answer_nll"] = {"name": t, "lm_eval_name": f"x_{t}_nll", "metric": "answer_nll,none", "num_fewshot": 0,
+                                    "num_examples": 10, "measure": "answer_nll", "higher_is_better": False}
+        results[f"x_{t}_nll"] = {"answer_nll,none": v}
     (folder / SCORES_FILE).write_text(json.dumps({"template": "tulu", "tasks": tasks}))
-    (folder / RESULTS_FILE).write_text(json.dumps({"results": {f"x_{t}": {"acc,none": v} for t, v in scores.items()}}))
+    (folder / RESULTS_FILE).write_text(json.dumps({"results": results}))
     return folder
 
 
 def test_report_numbers_equal_lm_eval_result_files(eval_dir, tmp_path):
     runs = [EvalRun("interaction", 0, eval_dir), EvalRun("random", 0, eval_dir)]
-    summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"k": 4, "counts_per_source": {"pool.jsonl": 4}, "counts_per_task": {"add": 3, "filler": 1},
-                                   "duplicate_rate": 0.25}))
-    report = write_report(runs, {"interaction": summary}, tmp_path / "report")
+    selection = tmp_path / "select"
+    selection.mkdir()
+    (selection / "selected.jsonl").write_text("".join(json.dumps(
+        {"id": f"p{i}", "prompt": "Add 1 and 2." if i < 3 else "Say hi.", "completion": "3" if i < 3 else "hi",
+         "_iaif": {"task": "add" if i < 3 else "filler"}}) + "\n" for i in range(4)))
+    report = write_report(runs, {"interaction": selection}, tmp_path / "report")
     data = json.loads((report.parent / "results.json").read_text())
     expected = _independent_scores(eval_dir)
+    nll = json.loads((eval_dir / RESULTS_FILE).read_text())["results"]["iaif_demo_add_nll"]["answer_nll,none"]
     for method in ("interaction", "random"):
         for task, value in expected.items():
-            assert data["scores"][method][task]["mean"] == value
+            assert data["measures"]["score"]["scores"][method][task]["mean"] == value
+        assert data["measures"]["answer_nll"]["scores"][method]["demo/add"]["mean"] == nll
     text = report.read_text()
-    assert f"{expected['mmlu']:.4f}" in text and "0.250" in text
+    assert f"{expected['mmlu']:.4f}" in text and f"{nll:.4f}" in text and "Answer NLL" in text
+    assert "| interaction | 4 | 2 (3) | – | – | add: 3, filler: 1 |" in text  # no `meta`: those columns are empty
     assert (report.parent / "scores.png").stat().st_size > 0 and (report.parent / "composition.png").stat().st_size > 0
 
 
@@ -99,7 +112,26 @@ def test_report_mean_std_and_wins(tmp_path):
             EvalRun("a", 1, _fake_eval(tmp_path / "a1", {"t1": 0.4, "t2": 0.5})),
             EvalRun("b", 0, _fake_eval(tmp_path / "b0", {"t1": 0.1, "t2": 0.5})),
             EvalRun("b", 1, _fake_eval(tmp_path / "b1", {"t1": 0.1, "t2": 0.5}))]
+    table = aggregate(runs)["measures"]["score"]
+    assert table["scores"]["a"]["t1"]["mean"] == pytest.approx(0.3)
+    assert table["scores"]["a"]["t1"]["std"] == pytest.approx(((0.1**2 + 0.1**2) / 1) ** 0.5)
+    assert table["wins"] == {"a": 2, "b": 1}  # t2 is a tie: both win it
+
+
+def test_report_answer_nll_lower_is_better_and_mean_over_tasks(tmp_path):
+    runs = [EvalRun("a", 0, _fake_eval(tmp_path / "a0", {"t1": 0.2, "t2": 0.6}, {"t1": 1.0, "t2": 3.0})),
+            EvalRun("a", 1, _fake_eval(tmp_path / "a1", {"t1": 0.4, "t2": 0.4}, {"t1": 2.0, "t2": 1.0})),
+            EvalRun("b", 0, _fake_eval(tmp_path / "b0", {"t1": 0.1, "t2": 0.9}, {"t1": 0.5, "t2": 4.0})),
+            EvalRun("b", 1, _fake_eval(tmp_path / "b1", {"t1": 0.1, "t2": 0.9}, {"t1": 0.5, "t2": 4.0}))]
     agg = aggregate(runs)
-    assert agg["scores"]["a"]["t1"]["mean"] == pytest.approx(0.3)
-    assert agg["scores"]["a"]["t1"]["std"] == pytest.approx(((0.1**2 + 0.1**2) / 1) ** 0.5)
-    assert agg["wins"] == {"a": 2, "b": 1}  # t2 is a tie: both win it
+    nll, em = agg["measures"]["answer_nll"], agg["measures"]["score"]
+    assert list(agg["measures"]) == ["score", "answer_nll"] and not nll["higher_is_better"]
+    assert nll["best"] == {"t1": ["b"], "t2": ["a"]}  # the lowest NLL wins
+    # mean over tasks per seed (a: 2.0 and 1.5; b: 2.25 twice), then mean and sample std over the seeds
+    assert nll["mean_over_tasks"]["a"]["mean"] == pytest.approx(1.75)
+    assert nll["mean_over_tasks"]["a"]["std"] == pytest.approx((2 * 0.25**2) ** 0.5)
+    assert nll["best_mean"] == ["a"] and em["best_mean"] == ["b"]  # em means over tasks: a 0.4, b 0.5
+    report = write_report(runs, {}, tmp_path / "report")
+    text = report.read_text()
+    assert "## Answer NLL" in text and "## Headline metric" in text
+    assert "| a | 1.5000 ± 0.7071 | **2.0000 ± 1.4142** | **1.7500 ± 0.3536** | 1 |" in text

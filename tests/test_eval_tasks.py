@@ -58,11 +58,18 @@ def test_demo_target_task_from_records(tmp_path):
              "messages": [{"role": "user", "content": f"Add {i} and 1."}, {"role": "assistant", "content": str(i + 1)}]}
             for i in range(4)]
     built = build_tasks(tmp_path / "tasks", demo_targets=_write_demo(tmp_path, rows))
-    (entry,) = built.entries
+    entry, nll = built.entries
     assert (entry.name, entry.lm_eval_name, entry.metric) == ("demo/add", "iaif_demo_add", "exact_match,none")
+    assert (nll.name, nll.lm_eval_name, nll.metric, nll.measure) == ("demo/add", "iaif_demo_add_nll", "answer_nll,none",
+                                                                     "answer_nll")
+    assert entry.higher_is_better and not nll.higher_is_better
     assert _load(built)
-    written = [json.loads(x) for x in open(tmp_path / "tasks" / "iaif_demo_add" / "iaif_demo_add.test.jsonl")]
-    assert written == [{"id": r["id"], "prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in rows]
+    expected = [{"id": r["id"], "prompt": r["messages"][0]["content"], "answer": r["answer"]} for r in rows]
+    for name in ("iaif_demo_add", "iaif_demo_add_nll"):  # both measures over the same questions
+        written = [json.loads(x) for x in open(tmp_path / "tasks" / name / f"{name}.test.jsonl")]
+        assert written == expected
+    (only,) = build_tasks(tmp_path / "tasks2", demo_targets=tmp_path / "targets", answer_nll=False).entries
+    assert only.lm_eval_name == "iaif_demo_add"
 
 
 def test_bad_demo_record_names_file_line_field(tmp_path):

@@ -77,6 +77,10 @@ def test_full_small_pipeline_report_matches_lm_eval(tmp_path, tiny_model_dir):
     assert set(results["methods"]) == {"base", "interaction", "less", "first-order", "random"}
     for run in results["runs"]:
         lm = json.loads((Path(run["eval_dir"]) / "lm_eval_results.json").read_text())["results"]
+        em, nll = (results["measures"][m]["scores"][run["method"]] for m in ("score", "answer_nll"))
         for task in ("add", "capital", "larger"):
             seed = str(run["seed"])
-            assert results["scores"][run["method"]][f"demo/{task}"]["per_seed"][seed] == lm[f"iaif_demo_{task}"]["exact_match,none"]
+            assert em[f"demo/{task}"]["per_seed"][seed] == lm[f"iaif_demo_{task}"]["exact_match,none"]
+            assert nll[f"demo/{task}"]["per_seed"][seed] == lm[f"iaif_demo_{task}_nll"]["answer_nll,none"]
+    assert set(results["selections"]) == {"interaction", "less", "first-order", "random-s0", "random-s1"}
+    assert all(d["k"] == sum(d["per_task"].values()) and d["wrong_share"] is not None for d in results["selections"].values())

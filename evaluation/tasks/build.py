@@ -8,6 +8,7 @@ lm-eval group whose score aggregates its subtasks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ from typing import Any
 
 import yaml
 
+from iaif.evaluation.tasks.likelihood import ANSWER_NLL, answer_nll_subtask
 from iaif.evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
 from iaif.training.data import write_jsonl
 
 logger = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+DEMO_NLL_TEMPLATE = "demo_target_nll.yaml"
 PREFIX = "iaif_"
 
 
@@ -45,6 +48,9 @@ class TaskEntry:
     subtasks: list[str] = field(default_factory=list)
     """lm-eval names of the subtasks when the entry is a group."""
     num_examples: int = 0
+    measure: str = "score"
+    """What the entry measures: ``score`` (the task's headline metric) or ``answer_nll`` (demo tasks)."""
+    higher_is_better: bool = True
 
 
 @dataclass
@@ -111,13 +117,16 @@ def build_tasks(
     demo_tasks: list[str] | None = None,
     max_subtasks: int | None = None,
     num_fewshot: dict[str, int] | None = None,
+    answer_nll: bool = True,
 ) -> BuiltTasks:
     """Convert local data and write lm-eval task YAMLs under ``out_dir``.
 
     ``benchmarks``: names from :data:`iaif.evaluation.tasks.sources.BENCHMARKS`, read from ``data_dir``
     (default :func:`default_data_dir`). ``demo_targets``: a ``targets/`` folder of the demo data;
     ``demo_tasks`` picks some of its tasks (default: all). ``max_subtasks`` keeps the first N
-    subtasks of multi-part benchmarks (quick runs). ``num_fewshot`` overrides per short name."""
+    subtasks of multi-part benchmarks (quick runs). ``num_fewshot`` overrides per short name.
+    ``answer_nll``: each demo task also gets a zero-shot ``loglikelihood`` task over the same test
+    questions (``iaif_demo_<task>_nll``, measure ``answer_nll``: mean -log P(gold answer | prompt))."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_fewshot = num_fewshot or {}
@@ -144,9 +153,13 @@ def build_tasks(
         if missing:
             raise ValueError(f"{root}: demo task(s) {missing} not found; have {available}")
         for task in chosen:
-            short = f"demo/{task}"
-            entries.append(_build_one(out, short, f"{PREFIX}demo_{task}", read_demo_target(root / task),
+            short, records = f"demo/{task}", read_demo_target(root / task)
+            entries.append(_build_one(out, short, f"{PREFIX}demo_{task}", records,
                                       "demo_target.yaml", DEMO_METRIC, True, num_fewshot.get(short)))
+            if answer_nll:
+                nll = _build_one(out, short, f"{PREFIX}demo_{task}_nll", [answer_nll_subtask(s) for s in records],
+                                 DEMO_NLL_TEMPLATE, f"{ANSWER_NLL},none", True, None)
+                entries.append(dataclasses.replace(nll, measure=ANSWER_NLL, higher_is_better=False))
     if not entries:
         raise ValueError("no tasks requested")
     return BuiltTasks(out, entries)
