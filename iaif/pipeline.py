@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
@@ -85,6 +85,9 @@ class PipelineConfig:
     """Demo: settings of iaif.demo.demo_data.DemoDataConfig; when set, the data are generated and used as pool, targets and eval tasks."""
     warmup: dict[str, Any] = field(default_factory=dict)
     """Overrides of iaif.training.warmup.WarmupConfig (e.g. {training: {num_epochs: 4}, fraction: 0.05})."""
+    pool_feature: Literal["adam", "grad"] = "adam"
+    """Pool features: the checkpoint's Adam update direction (LESS) or the plain gradient (the g_a of
+    u_a = (1/n) H⁻¹ g_a); stored in features/epoch{E}/pool or pool-grad."""
     extract: dict[str, Any] = field(default_factory=dict)
     """Overrides of iaif.selection.features.extract.ExtractConfig (e.g. {dim: 8192, projection: factorised})."""
     select: dict[str, Any] = field(default_factory=dict)
@@ -195,11 +198,12 @@ def _warmup(cfg: PipelineConfig, res: _Resolved, out: Path) -> list[Path]:
 def _extract(cfg: PipelineConfig, res: _Resolved, out: Path, checkpoints: list[Path]) -> dict[str, list[str]]:
     """Feature stores: ``{"pool": [per checkpoint], "<task>": [per checkpoint]}``."""
     stores: dict[str, list[str]] = {"pool": []}
+    pool_folder = "pool" if cfg.pool_feature == "adam" else f"pool-{cfg.pool_feature}"
     for ckpt in checkpoints:
-        jobs = [("pool", res.pool, "adam")] + [(f"target-{t}", p, "grad") for t, p in res.targets.items()]
+        jobs = [(pool_folder, res.pool, cfg.pool_feature)] + [(f"target-{t}", p, "grad") for t, p in res.targets.items()]
         for name, data, feature in jobs:
             folder = out / "features" / ckpt.name.replace("checkpoint-", "") / name
-            key = "pool" if name == "pool" else name[len("target-"):]
+            key = "pool" if name == pool_folder else name[len("target-"):]
             stores.setdefault(key, []).append(str(folder))
             if _done(folder / "meta.json"):
                 continue

@@ -8,6 +8,16 @@ score of one pair. Built in row chunks, never more than one chunk of pool featur
 The identity (parameter-space) curvature uses the pool features themselves:
 u_a = concat_c √η̄_c · normalize(Γ_a^c), so ⟨u_a, u_b⟩ = Σ_c η̄_c cos(Γ_a^c, Γ_b^c).
 
+Feature geometry (``FeatureGeometry``), both settings of ``iaif select``:
+
+* ``normalise``: rows to unit length (cosines, the LESS recipe) or raw projected vectors (dot products).
+* ``whiten``: the training-loss curvature that u_a = (1/n) H⁻¹ g_a contains and the LESS recipe drops
+  (H = I). With a damped Gauss-Newton H_c = Γ̂ᵀΓ̂/N + δ_c I of the checkpoint's pool features in the
+  projected space (the TRAK / TrackStar choice; δ_c = ``whiten`` × the mean eigenvalue of Γ̂ᵀΓ̂/N),
+  pool and target rows are mapped by H_c^(-1/2) before the cosine, so
+  φ_{a,t} = g_tᵀ H_c⁻¹ Γ_a / (‖g_t‖_{H_c⁻¹} ‖Γ_a‖_{H_c⁻¹}): directions every example shares are
+  scaled down. d × d per checkpoint, one eigendecomposition (d ≤ 8192).
+
 The core works on in-memory or memory-mapped arrays; ``open_checkpoints`` reads and checks stores.
 """
 
@@ -47,21 +57,69 @@ class CheckpointFeatures:
     """Where the target rows come from, for messages (default: ``name``)."""
 
 
-def normalized(block: np.ndarray | torch.Tensor, where: str, ids: Sequence[str], device: str | torch.device = "cpu"
-               ) -> torch.Tensor:
-    """Rows as float32 unit vectors; NaN/inf or all-zero rows are an error naming ``where`` and the id."""
+@dataclass(frozen=True)
+class FeatureGeometry:
+    """How projected feature rows are compared (module docstring)."""
+
+    normalise: bool = True
+    """Unit-length rows (cosine scores, LESS) or raw projected vectors."""
+    whiten: float | None = None
+    """Relative damping of the Gauss-Newton training curvature; None: H = I (the LESS recipe)."""
+
+    def __post_init__(self) -> None:
+        if self.whiten is not None and not (math.isfinite(self.whiten) and self.whiten > 0):
+            raise ValueError(f"whiten (relative damping) must be finite and > 0, got {self.whiten}")
+
+
+def checked(block: np.ndarray | torch.Tensor, where: str, ids: Sequence[str], device: str | torch.device = "cpu"
+            ) -> torch.Tensor:
+    """Rows as float32; NaN/inf or all-zero rows are an error naming ``where`` and the id."""
     x = torch.as_tensor(np.asarray(block, dtype=np.float32) if isinstance(block, np.ndarray) else block)
     x = x.to(device=device, dtype=torch.float32)
     bad = ~torch.isfinite(x).all(dim=1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise FeatureError(f"{where}: row {i} (id '{ids[i]}') has NaN or inf features ({int(bad.sum())} such rows)")
-    norms = x.norm(dim=1, keepdim=True)
-    zero = norms.squeeze(1) == 0
+    zero = x.norm(dim=1) == 0
     if bool(zero.any()):
         i = int(zero.nonzero()[0])
         raise FeatureError(f"{where}: row {i} (id '{ids[i]}') is an all-zero feature vector")
-    return x / norms
+    return x
+
+
+def normalized(block: np.ndarray | torch.Tensor, where: str, ids: Sequence[str], device: str | torch.device = "cpu"
+               ) -> torch.Tensor:
+    """Rows as float32 unit vectors; NaN/inf or all-zero rows are an error naming ``where`` and the id."""
+    x = checked(block, where, ids, device)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def whitening_transform(pool: np.ndarray | torch.Tensor, rows: np.ndarray, damping: float, where: str,
+                        ids: Sequence[str], chunk_rows: int = 16384, device: str | torch.device = "cpu") -> torch.Tensor:
+    """H^(-1/2) for H = Γ̂ᵀΓ̂/N + δI over the unit-normalised pool rows ``rows`` (δ = damping × mean eigenvalue)."""
+    d = pool.shape[1]
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for start in range(0, len(rows), chunk_rows):
+        block = normalized(pool[rows[start : start + chunk_rows]], where, ids[start : start + chunk_rows], device).double()
+        gram += block.T @ block
+    evals, evecs = torch.linalg.eigh(gram / len(rows))
+    evals = evals.clamp_min(0.0)
+    delta = damping * float(evals.mean())
+    return ((evecs * (evals + delta).rsqrt()) @ evecs.T).float()
+
+
+class _Rows:
+    """One checkpoint's rows in the chosen geometry: checked, optionally whitened, optionally unit length."""
+
+    def __init__(self, geometry: FeatureGeometry, transform: torch.Tensor | None):
+        self.geometry, self.transform = geometry, transform
+
+    def __call__(self, block: np.ndarray | torch.Tensor, where: str, ids: Sequence[str],
+                 device: str | torch.device) -> torch.Tensor:
+        if self.transform is None:
+            return normalized(block, where, ids, device) if self.geometry.normalise else checked(block, where, ids, device)
+        x = normalized(block, where, ids, device) @ self.transform
+        return x / x.norm(dim=1, keepdim=True) if self.geometry.normalise else x
 
 
 def _rows(ids: Sequence[str], wanted: Sequence[str], where: str) -> np.ndarray:
@@ -81,8 +139,22 @@ def _check_weights(checkpoints: Sequence[CheckpointFeatures]) -> list[float]:
     return [x / sum(w) for x in w]
 
 
+def _geometries(checkpoints: Sequence[CheckpointFeatures], pool_rows: Sequence[np.ndarray], geometry: FeatureGeometry,
+                pool_ids: Sequence[str], chunk_rows: int, device: str | torch.device) -> list[_Rows]:
+    if geometry.whiten is None:
+        return [_Rows(geometry, None) for _ in checkpoints]
+    out = []
+    for c, rows in zip(checkpoints, pool_rows):
+        logger.info("%s: whitening with the damped Gauss-Newton curvature of %d pool rows (d=%d)", c.name, len(rows),
+                    c.pool.shape[1])
+        out.append(_Rows(geometry, whitening_transform(c.pool, rows, geometry.whiten, f"{c.name} (pool)", list(pool_ids),
+                                                       chunk_rows, device)))
+    return out
+
+
 def influence_matrix(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequence[str], target_ids: Sequence[str],
-                     chunk_rows: int = 16384, device: str | torch.device = "cpu") -> torch.Tensor:
+                     chunk_rows: int = 16384, device: str | torch.device = "cpu",
+                     geometry: FeatureGeometry = FeatureGeometry()) -> torch.Tensor:
     """Φ [len(pool_ids), len(target_ids)] in the given row and column order (module docstring)."""
     if not pool_ids:
         raise FeatureError("empty pool: no candidate has features")
@@ -90,34 +162,38 @@ def influence_matrix(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequen
         raise FeatureError("no target examples")
     weights = _check_weights(checkpoints)
     phi = torch.zeros(len(pool_ids), len(target_ids), dtype=torch.float32, device=device)
-    plan = []
-    for c, w in zip(checkpoints, weights):
+    for c in checkpoints:
         if c.pool.shape[1] != c.targets.shape[1]:
             raise FeatureError(f"{c.name}: pool features have dim {c.pool.shape[1]}, targets {c.targets.shape[1]}")
+    pool_rows = [_rows(c.pool_ids, pool_ids, f"{c.name} (pool)") for c in checkpoints]
+    prepare = _geometries(checkpoints, pool_rows, geometry, pool_ids, chunk_rows, device)
+    plan = []
+    for c, w, p_rows, prep in zip(checkpoints, weights, pool_rows, prepare):
         where = c.target_name or f"{c.name} (targets)"
-        t_rows = _rows(c.target_ids, target_ids, where)
-        tgt = normalized(c.targets[t_rows], where, list(target_ids), device)
-        plan.append((c, w, _rows(c.pool_ids, pool_ids, f"{c.name} (pool)"), tgt))
+        tgt = prep(c.targets[_rows(c.target_ids, target_ids, where)], where, list(target_ids), device)
+        plan.append((c, w, p_rows, tgt, prep))
     for start in range(0, len(pool_ids), chunk_rows):
         ids = list(pool_ids[start : start + chunk_rows])
-        for c, w, p_rows, tgt in plan:
-            block = normalized(c.pool[p_rows[start : start + chunk_rows]], f"{c.name} (pool)", ids, device)
+        for c, w, p_rows, tgt, prep in plan:
+            block = prep(c.pool[p_rows[start : start + chunk_rows]], f"{c.name} (pool)", ids, device)
             phi[start : start + len(ids)] += w * (block @ tgt.T)
     return phi
 
 
 def parameter_features(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequence[str],
-                       chunk_rows: int = 16384, device: str | torch.device = "cpu") -> torch.Tensor:
-    """u_a = concat_c √η̄_c · normalize(Γ_a^c), [len(pool_ids), Σ_c d_c] (identity curvature)."""
+                       chunk_rows: int = 16384, device: str | torch.device = "cpu",
+                       geometry: FeatureGeometry = FeatureGeometry()) -> torch.Tensor:
+    """u_a = concat_c √η̄_c · Γ̂_a^c, [len(pool_ids), Σ_c d_c] (identity curvature), Γ̂ in the given geometry."""
     weights = _check_weights(checkpoints)
     dims = [c.pool.shape[1] for c in checkpoints]
     out = torch.empty(len(pool_ids), sum(dims), dtype=torch.float32, device=device)
+    pool_rows = [_rows(c.pool_ids, pool_ids, f"{c.name} (pool)") for c in checkpoints]
+    prepare = _geometries(checkpoints, pool_rows, geometry, pool_ids, chunk_rows, device)
     col = 0
-    for c, w, d in zip(checkpoints, weights, dims):
-        rows = _rows(c.pool_ids, pool_ids, f"{c.name} (pool)")
+    for c, w, d, rows, prep in zip(checkpoints, weights, dims, pool_rows, prepare):
         for start in range(0, len(pool_ids), chunk_rows):
             ids = list(pool_ids[start : start + chunk_rows])
-            out[start : start + len(ids), col : col + d] = math.sqrt(w) * normalized(
+            out[start : start + len(ids), col : col + d] = math.sqrt(w) * prep(
                 c.pool[rows[start : start + chunk_rows]], f"{c.name} (pool)", ids, device)
         col += d
     return out

@@ -18,8 +18,9 @@ S_k > 0 and Q_k > 0; otherwise λ must be given.
 Multi-task: one objective per task (its own s^τ, ψ^τ, κ scale and λ_τ). ``sum`` maximises Σ_τ J_τ,
 which is a single objective over the features concatenated with weights √(λ_τ·scale_τ) (done in place
 on column blocks, no copy); ``round-robin`` serves the tasks in turn (``iaif.selection.greedy``).
-For the λ rule, k_τ = k under ``sum`` (every pick counts for every task) and ⌈k / T⌉ under
-round-robin.
+For the λ rule, k_τ = ⌈k / T⌉ under round-robin; under ``sum`` it is a setting (``LamBudget``):
+``k`` (every pick counts for every task, so each task saturates only at k picks of its own) or
+``per-task`` (⌈k / T⌉: each task saturates at its share of the budget).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from iaif.selection.estimators import quadratic_part
 from iaif.selection.greedy import Objective
 
 Combine = Literal["sum", "round-robin"]
+LamBudget = Literal["k", "per-task"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ def build_objectives(
     combine: Combine = "sum",
     lam: float | None = None,
     lam_factor: float = 1.0,
+    lam_budget: LamBudget = "k",
 ) -> tuple[list[Objective], dict[str, float]]:
     """Objectives for ``greedy_select`` and the λ used per task.
 
@@ -81,7 +84,9 @@ def build_objectives(
     """
     if not tasks:
         raise ValueError("no target task")
-    k_task = k if combine == "sum" else math.ceil(k / len(tasks))
+    if lam_budget not in ("k", "per-task"):
+        raise ValueError(f"unknown lam_budget '{lam_budget}' (k or per-task)")
+    k_task = k if combine == "sum" and lam_budget == "k" else math.ceil(k / len(tasks))
     lams: dict[str, float] = {}
     parts: list[Objective] = []
     for t in tasks:

@@ -26,8 +26,15 @@ from typing import Any, Literal
 import torch
 
 from iaif.common.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
-from iaif.selection.influence import CheckpointFeatures, group_columns, influence_matrix, open_checkpoints, parameter_features
-from iaif.selection.objective import Combine, TaskTerms, build_objectives
+from iaif.selection.influence import (
+    CheckpointFeatures,
+    FeatureGeometry,
+    group_columns,
+    influence_matrix,
+    open_checkpoints,
+    parameter_features,
+)
+from iaif.selection.objective import Combine, LamBudget, TaskTerms, build_objectives
 from iaif.training.data import DataConfig, Example, Template, load_examples
 
 logger = logging.getLogger(__name__)
@@ -68,8 +75,16 @@ class SelectConfig:
     """Trade-off weight λ; None: per task λ = S_k/Q_k of the first-order top-k set (iaif.selection.objective)."""
     lam_factor: float = 1.0
     """Multiplier of the default λ (ignored when lam is given)."""
+    lam_budget: LamBudget = "k"
+    """Budget k_τ in the default λ rule under combine=sum: k (every pick counts for every task) or
+    per-task (⌈k / T⌉, as round-robin always uses)."""
     combine: Combine = "sum"
     """Multi-task: maximise the sum of per-task objectives, or serve tasks round-robin."""
+    normalise: bool = True
+    """Unit-length feature rows (cosine scores, the LESS recipe) or raw projected vectors."""
+    whiten: float | None = None
+    """Training-loss curvature: None keeps H = I (LESS); a number whitens the features with the damped
+    Gauss-Newton H = Γ̂ᵀΓ̂/N + δI of each checkpoint's pool features, δ = whiten × its mean eigenvalue."""
     greedy: Literal["exact", "stochastic"] = "exact"
     """Exact greedy, or stochastic greedy with (N/k)·ln(1/epsilon) candidates per step."""
     epsilon: float = 0.01
@@ -148,6 +163,10 @@ def load_targets(paths: Sequence[str]) -> list[Example]:
 # ---------------------------------------------------------------- feature-based methods
 
 
+def _geometry(cfg: SelectConfig) -> FeatureGeometry:
+    return FeatureGeometry(cfg.normalise, cfg.whiten)
+
+
 def _sampled_curvature(cfg: SelectConfig, cand_ids: list[str], task_of: dict[str, str]
                        ) -> tuple[torch.Tensor, dict[str, slice]]:
     ckpts = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores, sampled=True)
@@ -159,7 +178,7 @@ def _sampled_curvature(cfg: SelectConfig, cand_ids: list[str], task_of: dict[str
             raise ValueError(f"sampled-label store row '{sid}' matches no target example")
         labels.append(task_of[base])
     perm, cols = group_columns(labels)
-    curv = influence_matrix(ckpts, cand_ids, [ids[i] for i in perm], cfg.chunk_rows, cfg.device)
+    curv = influence_matrix(ckpts, cand_ids, [ids[i] for i in perm], cfg.chunk_rows, cfg.device, _geometry(cfg))
     return curv, cols
 
 
@@ -170,7 +189,7 @@ def _feature_select(cfg: SelectConfig, k: int, ckpts: list[CheckpointFeatures], 
 
     perm, task_cols = group_columns([t.task for t in targets])
     ordered = [targets[i] for i in perm]
-    phi = influence_matrix(ckpts, cand_ids, [t.id for t in ordered], cfg.chunk_rows, cfg.device)
+    phi = influence_matrix(ckpts, cand_ids, [t.id for t in ordered], cfg.chunk_rows, cfg.device, _geometry(cfg))
     if cfg.method == "less":
         sub_idx: dict[str, list[int]] = {}
         for col, t in enumerate(ordered):
@@ -188,12 +207,12 @@ def _feature_select(cfg: SelectConfig, k: int, ckpts: list[CheckpointFeatures], 
         curv, cols, scale = *_sampled_curvature(cfg, cand_ids, {t.id: t.task for t in targets}), None
     elif cfg.curvature == "identity":
         del phi
-        curv, cols, scale = parameter_features(ckpts, cand_ids, cfg.chunk_rows, cfg.device), None, 1.0
+        curv, cols, scale = parameter_features(ckpts, cand_ids, cfg.chunk_rows, cfg.device, _geometry(cfg)), None, 1.0
     else:
         raise ValueError(f"unknown curvature '{cfg.curvature}'")
     tasks = [TaskTerms(name, s, None if cols is None else cols[name], scale) for name, s in terms_scores.items()]
     lam = 0.0 if cfg.method == "first-order" else cfg.lam
-    objectives, lams = build_objectives(tasks, curv, k, cfg.combine, lam, cfg.lam_factor)
+    objectives, lams = build_objectives(tasks, curv, k, cfg.combine, lam, cfg.lam_factor, cfg.lam_budget)
     start = time.perf_counter()
     result = greedy_select(objectives, k, cfg.greedy, cfg.epsilon, cfg.shortlist, chunk_rows=cfg.chunk_rows,
                            seed=cfg.seed)
