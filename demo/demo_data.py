@@ -234,7 +234,7 @@ def _record(rid: str, family: str, q: str, a: str, *, cluster: str | None = None
 
 def _sample(family: str, rng: random.Random, t: Tables, n: int, avoid: AbstractSet[str] = frozenset()) -> list[tuple[str, str, str]]:
     """n examples of a family whose question text is not in ``avoid``."""
-    out = []
+    out: list[tuple[str, str, str]] = []
     for _ in range(100 * n + 1000):
         if len(out) == n:
             return out

@@ -66,7 +66,7 @@ def aggregate(runs: list[EvalRun]) -> dict[str, Any]:
             per.setdefault(run.method, {}).setdefault(task, {})[run.seed] = score
     methods = list(dict.fromkeys(r.method for r in runs))
     tasks = sorted({t for m in per.values() for t in m})
-    table = {m: {t: dict(zip(("mean", "std"), _mean_std(list(per[m][t].values()))),
+    table: dict[str, dict[str, dict[str, Any]]] = {m: {t: dict(zip(("mean", "std"), _mean_std(list(per[m][t].values()))),
                      n=len(per[m][t]), per_seed={str(s): v for s, v in sorted(per[m][t].items())})
                  for t in tasks if t in per[m]} for m in methods}
     wins = Counter({m: 0 for m in methods})

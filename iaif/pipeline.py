@@ -96,7 +96,7 @@ def _stage(ref: str) -> tuple[type, Callable[[Any], Path]]:
 
     stage = STAGES[ref]
     mods = [s.split(":") for s in (stage.config, stage.run)]
-    return tuple(getattr(importlib.import_module(m), n) for m, n in mods)  # type: ignore[return-value]
+    return tuple(getattr(importlib.import_module(m), n) for m, n in mods)
 
 
 def _compose(stage: str, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -199,7 +199,7 @@ def _extract(cfg: PipelineConfig, res: _Resolved, out: Path, checkpoints: list[P
                 continue
             if "extract" not in cfg.steps:
                 raise FileNotFoundError(f"{folder}: feature store missing and step 'extract' not requested")
-            base = {"model": {"name_or_path": res.model}, "checkpoint": str(ckpt), "data": {"path": data},
+            base: dict[str, Any] = {"model": {"name_or_path": res.model}, "checkpoint": str(ckpt), "data": {"path": data},
                     "feature": feature, "template": cfg.template, "max_length": cfg.max_length, "output_dir": str(folder)}
             if key != "pool":
                 base["data"]["task"] = key

@@ -149,7 +149,7 @@ def _lr_weights(pools: Sequence[FeatureStore]) -> list[float]:
     if missing:
         raise FeatureError(f"{missing[0]}: meta.json has no lr_weight (the checkpoint's learning-rate weight), "
                            "needed to combine several checkpoints")
-    return [float(w) for w in weights]
+    return [float(w) for w in weights if w is not None]  # none missing (checked above)
 
 
 def _checkpoint_key(store: FeatureStore) -> str:

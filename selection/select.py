@@ -103,9 +103,9 @@ class Selection:
     """Chosen candidates (indices into the candidate list) with per-rank metadata."""
 
     indices: list[int]
-    score: list[float | None]
-    first_order: list[float | None]
-    interaction: list[float | None]
+    score: Sequence[float | None]
+    first_order: Sequence[float | None]
+    interaction: Sequence[float | None]
     info: dict[str, Any] = field(default_factory=dict)
 
 

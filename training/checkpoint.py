@@ -202,7 +202,7 @@ def _check(directory: Path, meta: Any, opt_state: Any) -> None:
     meta_file, opt_file = directory / META_FILE, directory / OPTIMIZER_FILE
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_file}: expected a JSON object")
-    fields = {"epoch": int, "num_epochs": int, "global_step": int, "mean_lr": (int, float),
+    fields: dict[str, type | tuple[type, ...]] = {"epoch": int, "num_epochs": int, "global_step": int, "mean_lr": (int, float),
               "lr_weight": (int, float), "base_model": str, "adapter_hash": str}
     for key, kind in fields.items():
         if key not in meta:

@@ -397,8 +397,8 @@ def _render_chat(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int,
 def tokenize_example(example: Example, tokenizer: Any, template: Template, max_length: int) -> TokenizedExample:
     """Token ids and labels (IGNORE_INDEX outside assistant spans), truncated on the right."""
     text, spans = render(example, tokenizer, template)
-    bos = getattr(tokenizer, "bos_token", None)
-    has_bos = bool(bos) and text.startswith(bos)  # chat templates that write the BOS themselves
+    bos: str | None = getattr(tokenizer, "bos_token", None)
+    has_bos = bos is not None and bos != "" and text.startswith(bos)  # chat templates that write the BOS themselves
     enc = tokenizer(text, add_special_tokens=not has_bos, return_offsets_mapping=True, truncation=False)
     ids: list[int] = list(enc["input_ids"])[:max_length]
     offsets = list(enc["offset_mapping"])[:max_length]

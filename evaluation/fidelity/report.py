@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -107,9 +108,10 @@ def scatter_plot(res: PairResult, path: Path) -> Path:
 
 def write_results(results: list[PairResult], convex: dict[str, bool], out_dir: Path) -> dict:
     """``results.json`` (per pair: groups, actual, estimates, correlations, target checks, info)."""
-    payload = {"estimators": list(ESTIMATORS), "pairs": {}}
+    pairs: dict[str, Any] = {}
+    payload = {"estimators": list(ESTIMATORS), "pairs": pairs}
     for res in results:
-        payload["pairs"][res.name] = {
+        pairs[res.name] = {
             "description": res.description,
             "correlations": res.correlations(),
             "targets": target_checks(res, convex[res.name]),
@@ -126,6 +128,6 @@ def write_results(results: list[PairResult], convex: dict[str, bool], out_dir: P
 def _jsonable(obj: object) -> object:
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)  # type: ignore[arg-type]
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
     return str(obj)

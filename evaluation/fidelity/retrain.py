@@ -57,6 +57,8 @@ def fit(problem: Problem, theta0: torch.Tensor, settings: FitSettings, weights: 
 
     opt.step(closure)
     closure()
+    if theta.grad is None:
+        raise RuntimeError("L-BFGS left no gradient on the parameters")
     gmax = float(theta.grad.abs().max())
     if gmax > 100 * settings.tol_grad:
         logger.warning("L-BFGS stopped with max |grad| %.2e (tolerance %.1e); raise fit.max_iter", gmax, settings.tol_grad)

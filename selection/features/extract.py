@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from iaif.training.data import (
     tokenize_examples,
 )
 from iaif.training.lora import LoraSettings, ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ class LoraFeaturizer:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         feature: FeatureKind,
         projection: ProjectionKind,
         dim: int,
@@ -164,7 +167,10 @@ class LoraFeaturizer:
         if wrong:
             raise RuntimeError(f"LoRA matrices {wrong[:3]} did not receive exactly one gradient in the backward pass "
                                "(gradient checkpointing and LoRA layers bypassed in forward are not supported)")
-        return hooks.features if fast else total["sum"]
+        features = hooks.features if fast else total.get("sum")
+        if features is None:
+            raise RuntimeError("the backward pass produced no LoRA gradient")
+        return features
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,7 +245,7 @@ def _load_model(cfg: ExtractConfig, device: torch.device) -> tuple[Any, dict[str
             if "lora_" in name:
                 digest.update(name.encode())
                 digest.update(p.detach().float().cpu().numpy().tobytes())
-        info = {"checkpoint": None, "adapter_hash": "fresh-" + digest.hexdigest()[:16], "lr_weight": None}
+        info: dict[str, Any] = {"checkpoint": None, "adapter_hash": "fresh-" + digest.hexdigest()[:16], "lr_weight": None}
     elif (Path(cfg.checkpoint) / CHECKPOINT_META).is_file():
         ckpt = load_checkpoint(cfg.checkpoint)
         if ckpt.base_model != cfg.model.name_or_path:
