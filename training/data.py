@@ -312,12 +312,6 @@ def load_examples(cfg: DataConfig | str) -> list[Example]:
     return examples
 
 
-def duplicate_ids(examples: Iterable[Example]) -> dict[str, int]:
-    """Ids (before disambiguation) that occur more than once, with their counts."""
-    counts = Counter(e.id.split("~")[0] for e in examples)
-    return {k: v for k, v in counts.items() if v > 1}
-
-
 # --------------------------------------------------------------------------------------------
 # Rendering and tokenisation with the loss mask
 # --------------------------------------------------------------------------------------------

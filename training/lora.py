@@ -132,11 +132,6 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings) -> Any:
     return peft_model
 
 
-def load_lora_model(cfg: ModelConfig, lora: LoraSettings) -> tuple[Any, Any]:
-    """(PeftModel with a fresh trainable LoRA adapter, tokenizer)."""
-    return add_lora(load_base_model(cfg), lora), load_tokenizer(cfg)
-
-
 def load_adapter(cfg: ModelConfig, adapter_dir: str | Path, trainable: bool = False) -> Any:
     """Base model from ``cfg`` with a saved adapter loaded (``trainable`` keeps LoRA grads on)."""
     from peft import PeftModel
