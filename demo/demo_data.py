@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from iaif.common.atomic import remove_stale_temps, temp_path, write_jsonl
 from iaif.common.provenance import write_run_info
-from iaif.training.data import Example, Message, render, write_jsonl
+from iaif.training.data import Example, Message, render
 
 logger = logging.getLogger(__name__)
 
@@ -317,9 +318,8 @@ def make_demo_data(cfg: DemoDataConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise FileExistsError(f"{out}: exists and is not a demo-data folder; choose another output_dir")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_temps(out.parent, out.name)
+    tmp = temp_path(out)
     write_jsonl(tmp / "pool.jsonl", pool)
     for task, splits in targets.items():
         for split, records in splits.items():

@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from iaif.common.atomic import temp_path
 from iaif.common.provenance import config_to_dict, write_run_info
 from iaif.demo.demo_data import EOS, pretraining_corpus
 from iaif.training.data import TULU_CHAT_TEMPLATE
@@ -178,7 +179,7 @@ def build_tiny_model(cfg: TinyModelConfig) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not a tiny-model folder; choose another output_dir")
 
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     corpus = pretraining_corpus(cfg.seed, cfg.corpus_documents)

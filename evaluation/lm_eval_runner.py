@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from iaif.common.atomic import write_json
 from iaif.common.provenance import write_run_info
 from iaif.training.data import TULU_CHAT_TEMPLATE
 
@@ -155,9 +156,7 @@ def _tokenizer_chat_template(cfg: EvalConfig) -> str | None:
 def _write_json(path: Path, data: Any) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, data, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
 def headline_scores(results: dict[str, Any], entries: list[Any]) -> list[TaskScore]:

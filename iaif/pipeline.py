@@ -29,16 +29,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from omegaconf import OmegaConf
 
+from iaif.common.dist import is_main_process, wait_for_everyone
 from iaif.common.provenance import write_run_info
 from iaif.config import config_from_dict
+from iaif.selection.select import Method
+from iaif.training.data import Template
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ["interaction", "less", "first-order", "random", "rds", "embed"]
+ALL_METHODS: list[Method] = list(get_args(Method))
 SEEDED_METHODS = {"random"}
 STEPS = ["setup", "warmup", "extract", "select", "train", "eval", "report"]
 
@@ -55,7 +58,7 @@ class PipelineConfig:
     """Candidate pool file (any format the data layer reads). Demo: the generated pool."""
     targets: dict[str, str] = field(default_factory=dict)
     """Target task name -> validation file used for selection. Demo: the generated validation sets."""
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[Method] = field(default_factory=lambda: list(ALL_METHODS))
     """Selection methods to compare (interaction, less, first-order, random, rds, embed)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """Fine-tuning seeds (and selection seeds of the seeded methods)."""
@@ -63,7 +66,7 @@ class PipelineConfig:
     """Selection budget as a fraction of the pool (LESS: 5%); the same for every method."""
     k: int | None = None
     """Selection budget as a number of examples (overrides fraction)."""
-    template: str = "tulu"
+    template: Template = "tulu"
     """Prompt format in every stage: tulu or chat (the tokenizer's template)."""
     max_length: int = 2048
     """Token limit per example in warm-up, extraction and training."""
@@ -110,22 +113,6 @@ def _run_stage(stage: str, cfg: Any) -> Path:
     return _stage(stage)[1](cfg)
 
 
-class _Ranks:
-    """Main-process test and barrier (one process without accelerate)."""
-
-    def __init__(self) -> None:
-        from accelerate import PartialState
-
-        self.state = PartialState()
-
-    @property
-    def main(self) -> bool:
-        return self.state.is_main_process
-
-    def wait(self) -> None:
-        self.state.wait_for_everyone()
-
-
 @dataclass
 class _Resolved:
     model: str
@@ -134,24 +121,24 @@ class _Resolved:
     demo_targets: str | None
 
 
-def _setup(cfg: PipelineConfig, out: Path, ranks: _Ranks) -> _Resolved:
+def _setup(cfg: PipelineConfig, out: Path) -> _Resolved:
     model, pool, targets, demo_targets = cfg.model, cfg.pool, dict(cfg.targets), None
     if cfg.tiny_model is not None:
         from iaif.demo.tiny_model import TinyModelConfig, build_tiny_model
 
         tiny = config_from_dict(TinyModelConfig, cfg.tiny_model, "tiny_model")  # cached by its settings
-        if ranks.main:
+        if is_main_process():
             build_tiny_model(tiny)
-        ranks.wait()
+        wait_for_everyone()
         model = str(tiny.resolved_output_dir())
     if cfg.demo_data is not None:
         from iaif.demo.demo_data import DemoDataConfig, make_demo_data
 
         demo = config_from_dict(DemoDataConfig, {"output_dir": str(out / "demo_data"), **cfg.demo_data}, "demo_data")
         data_dir = Path(demo.output_dir)
-        if ranks.main and not (data_dir / "manifest.json").is_file():
+        if is_main_process() and not (data_dir / "manifest.json").is_file():
             make_demo_data(demo)
-        ranks.wait()
+        wait_for_everyone()
         pool = str(data_dir / "pool.jsonl")
         demo_targets = str(data_dir / "targets")
         targets = {**{t: str(data_dir / "targets" / t / "validation.jsonl") for t in demo.target_tasks}, **targets}
@@ -211,7 +198,7 @@ def _selection_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}" if method in SEEDED_METHODS else method
 
 
-def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, list[str]], ranks: _Ranks) -> dict[str, Path]:
+def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, list[str]]) -> dict[str, Path]:
     """One selection per method (per seed for the seeded ones); returns name -> folder."""
     chosen: dict[str, Path] = {}
     for method in cfg.methods:
@@ -229,9 +216,9 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, li
                     "template": cfg.template, "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
             if cfg.tiny_model is not None:  # offline demo: no sentence-transformers model, embed with the tiny LM (mean pooling)
                 base["embedder"] = res.model
-            if ranks.main:
+            if is_main_process():
                 _run_stage("select", _compose("select", base, cfg.select))
-            ranks.wait()
+            wait_for_everyone()
     return chosen
 
 
@@ -281,8 +268,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if not cfg.seeds:
         raise ValueError("run: `seeds` is empty")
     out = Path(cfg.output_dir)
-    ranks = _Ranks()
-    if ranks.main:
+    if is_main_process():
         write_run_info(out, cfg, "run")
     start = time.perf_counter()
     last = max(STEPS.index(s) for s in cfg.steps)
@@ -291,7 +277,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         logger.info("[%.0fs] %s: %s", time.perf_counter() - start, step, what)
         return STEPS.index(step) >= last
 
-    res = _setup(cfg, out, ranks)
+    res = _setup(cfg, out)
     if finished("setup", f"model {res.model}, pool {res.pool}, targets {sorted(res.targets)}"):
         return out
     checkpoints = _warmup(cfg, res, out)
@@ -300,14 +286,14 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     stores = _extract(cfg, res, out, checkpoints)
     if finished("extract", f"{sum(map(len, stores.values()))} feature store(s)"):
         return out
-    selections = _select(cfg, res, out, stores, ranks)
+    selections = _select(cfg, res, out, stores)
     if finished("select", f"{len(selections)} selection(s)"):
         return out
     adapters = _train(cfg, res, out, selections)
     if finished("train", f"{len(adapters)} adapter(s)"):
         return out
     runs = _eval(cfg, res, out, adapters)
-    if finished("eval", f"{len(runs)} evaluation(s)") or not ranks.main:
+    if finished("eval", f"{len(runs)} evaluation(s)") or not is_main_process():
         return out
     from iaif.evaluation.report import write_report
 

@@ -7,15 +7,14 @@ the group is removed, in the features' units), and the largest pairwise interact
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from iaif.common.atomic import write_json
 from iaif.common.provenance import write_run_info
 from iaif.selection.estimators import pairwise_kappa, quadratic_part
 from iaif.selection.influence import influence_matrix, open_checkpoints, parameter_features
@@ -95,9 +94,7 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     report["curvature"] = cfg.curvature
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "attribute")
-    tmp = out / f".{ATTRIBUTION_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    os.replace(tmp, out / ATTRIBUTION_FILE)
+    write_json(out / ATTRIBUTION_FILE, report, indent=2)
     print(f"group of {report['size']} examples ({cfg.group}), curvature {cfg.curvature}")
     print(f"  first-order estimate (sum of individual influences): {report['first_order']:.6g}")
     print(f"  interaction part (½ Σ κ):                             {report['interaction']:.6g}")

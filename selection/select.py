@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from iaif.common.atomic import temp_path
 from iaif.common.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
 from iaif.selection.influence import CheckpointFeatures, group_columns, influence_matrix, open_checkpoints, parameter_features
 from iaif.selection.objective import Combine, TaskTerms, build_objectives
@@ -32,7 +33,8 @@ from iaif.training.data import DataConfig, Example, Template, load_examples
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["interaction", "first-order", "less", "random", "rds", "embed"]
+Method = Literal["interaction", "less", "first-order", "random", "rds", "embed"]
+"""The selection methods, the one list (the pipeline compares them all by default)."""
 Curvature = Literal["ef", "gn", "identity"]
 SELECTED_FILE = "selected.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -225,16 +227,12 @@ def duplicate_rate(chosen: Sequence[Example]) -> float:
     return dup / len(chosen)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example], sel: Selection,
                     summary_extra: dict[str, Any]) -> Path:
     """selected.jsonl + summary.json + config/run info, each written to a temporary name and renamed."""
     out.mkdir(parents=True, exist_ok=True)
     chosen = [candidates[i] for i in sel.indices]
-    tmp_sel = _tmp(out / SELECTED_FILE)
+    tmp_sel = temp_path(out / SELECTED_FILE)
     with open(tmp_sel, "w", encoding="utf-8") as fh:
         for rank, ex in enumerate(chosen):
             meta = {"rank": rank, "method": cfg.method, "score": sel.score[rank], "first_order": sel.first_order[rank],
@@ -248,9 +246,9 @@ def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example],
         "objective": sel.info.get("objective"), "duplicate_rate": duplicate_rate(chosen),
         **sel.info, **summary_extra, "config": config_to_dict(cfg),
     }
-    tmp_sum = _tmp(out / SUMMARY_FILE)
+    tmp_sum = temp_path(out / SUMMARY_FILE)
     tmp_sum.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    staging = out / f".run-{os.getpid()}"
+    staging = temp_path(out / "run")
     write_run_info(staging, cfg, "select")
     for name in (CONFIG_FILE, RUN_INFO_FILE):
         os.replace(staging / name, out / name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
 
+from iaif.common.atomic import write_json  # noqa: E402
 from iaif.evaluation.fidelity.estimate import ESTIMATORS  # noqa: E402
 
 SUBSETS = ("random", "coherent", "all")
@@ -119,9 +119,7 @@ def write_results(results: list[PairResult], convex: dict[str, bool], out_dir: P
             "groups": [{"kind": k, "size": int(s), "actual": float(a), **{e: float(v) for e, v in zip(ESTIMATORS, row)}}
                        for k, s, a, row in zip(res.kinds, res.sizes, res.actual, res.estimates)],
         }
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1, default=_jsonable))
-    tmp.replace(out_dir / "results.json")
+    write_json(out_dir / "results.json", payload, indent=1, default=_jsonable)
     return payload
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from iaif.common.atomic import write_json
 from iaif.evaluation.fidelity.objective import Problem
 
 logger = logging.getLogger(__name__)
@@ -81,9 +81,7 @@ class RetrainCache:
 
     def put(self, key: str, value: float) -> None:
         self.values[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.values))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.values)
 
     def full_model(self, problem: Problem, theta0: torch.Tensor, settings: FitSettings) -> torch.Tensor:
         """θ* from the cache, else trained from θ₀ and stored."""

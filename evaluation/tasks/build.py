@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from iaif.common.atomic import write_jsonl
 from iaif.evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
-from iaif.training.data import write_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from iaif.common.atomic import write_json
+from iaif.common.dist import process_state
 from iaif.selection.features.adam import AdamPreconditioner
 from iaif.selection.features.batching import group_shards, token_budget_batches
 from iaif.selection.features.per_example_grads import LoraGradientHooks, LoraMatrix, Relabel, backward_per_example, find_lora_matrices
@@ -48,6 +50,7 @@ from iaif.training.data import (
     TULU_SYSTEM,
     TULU_USER,
     DataConfig,
+    Template,
     TokenizedExample,
     load_examples,
     tokenize_examples,
@@ -77,7 +80,7 @@ class ExtractConfig:
     """LoRA settings of the fresh adapter used when no checkpoint is given."""
     data: DataConfig = field(default_factory=DataConfig)
     """The pool or target examples."""
-    template: Literal["tulu", "chat"] = "tulu"
+    template: Template = "tulu"
     """Prompt format: Tulu-v2 markers or the tokenizer's chat template."""
     max_length: int = 2048
     """Truncate examples to this many tokens (examples left without answer tokens are excluded and reported)."""
@@ -281,8 +284,6 @@ def _check_rows(features: torch.Tensor, ids: list[str], store_dtype: str) -> Non
 
 def run_extract(cfg: ExtractConfig) -> Path:
     """Compute the store (or finish a killed run of it) and return its folder."""
-    from accelerate import PartialState
-
     from iaif.common.provenance import package_version, write_run_info
     from iaif.training.lora import load_tokenizer
 
@@ -295,7 +296,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
     if cfg.sampled_labels and cfg.feature != "grad":
         raise ValueError(f"sampled_labels: {cfg.sampled_labels} needs feature=grad (sampled-label target gradients), "
                          f"got feature={cfg.feature}")
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state(cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
     examples, excluded = tokenize_examples(load_examples(cfg.data), tokenizer, cfg.template, cfg.max_length)
@@ -331,7 +332,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
     if state.is_main_process:
         writer.claim({**meta, "token_budget": cfg.token_budget, "max_batch_size": cfg.max_batch_size,
                       "shard_examples": cfg.shard_examples})
-        (out_dir / "excluded.json").write_text(json.dumps([vars(e) for e in excluded], indent=2), encoding="utf-8")
+        write_json(out_dir / "excluded.json", [vars(e) for e in excluded], indent=2)
     state.wait_for_everyone()
 
     mine = [s for s in range(state.process_index, len(plan), state.num_processes) if not writer.is_done(s)]

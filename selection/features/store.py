@@ -7,7 +7,6 @@ is not a store."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from iaif.common.atomic import atomic_path, remove_stale_temps, write_json
 
 FEATURES_FILE = "features.npy"
 IDS_FILE = "ids.json"
@@ -89,7 +90,9 @@ class ShardWriter:
 
     def claim(self, job: Mapping[str, Any]) -> None:
         """Start or resume ``job`` (one process only): an unfinished job of another configuration
-        in the folder is an error, never mixed in."""
+        in the folder is an error, never mixed in. Removes what killed writers left half-written."""
+        remove_stale_temps(self.out_dir)
+        remove_stale_temps(self.shard_dir)
         job_file = self.shard_dir / JOB_FILE
         if job_file.is_file():
             previous = json.loads(job_file.read_text(encoding="utf-8"))
@@ -97,7 +100,7 @@ class ShardWriter:
                           f"{self.out_dir} holds an unfinished extract job with other settings")
             return
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(job_file, json.dumps(dict(job), indent=2, sort_keys=True))
+        write_json(job_file, dict(job), indent=2, sort_keys=True)
 
     def _path(self, shard: int) -> Path:
         return self.shard_dir / f"shard-{shard:05d}.npz"
@@ -107,35 +110,27 @@ class ShardWriter:
 
     def write(self, shard: int, rows: np.ndarray, values: np.ndarray) -> None:
         """Save one finished shard (row indices into the dataset and their features) atomically."""
-        tmp = self.shard_dir / f".tmp-{shard:05d}-{os.getpid()}.npz"
-        np.savez(tmp, rows=rows, values=values)
-        os.replace(tmp, self._path(shard))
+        with atomic_path(self._path(shard)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, rows=rows, values=values)
 
     def assemble(self, num_shards: int, ids: Sequence[str], dim: int, dtype: str, meta: Mapping[str, Any]) -> Path:
         """Write the finished store from all shards, in dataset order; check no row is missing or doubled."""
-        tmp_features = self.out_dir / f".{FEATURES_FILE}.tmp"
-        array = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim))
-        seen = np.zeros(len(ids), dtype=np.int64)
-        for shard in range(num_shards):
-            if not self.is_done(shard):
-                raise RuntimeError(f"{self._path(shard)} missing: the job did not finish every shard")
-            with np.load(self._path(shard)) as data:
-                rows, values = data["rows"], data["values"]
-            array[rows] = values
-            np.add.at(seen, rows, 1)
-        if not (seen == 1).all():
-            bad = np.nonzero(seen != 1)[0][:5].tolist()
-            raise RuntimeError(f"rows {bad} were written {seen[bad].tolist()} times; store not assembled")
-        array.flush()
-        del array
-        os.replace(tmp_features, self.out_dir / FEATURES_FILE)
-        _atomic_write_text(self.out_dir / IDS_FILE, json.dumps(list(ids)))
-        _atomic_write_text(self.out_dir / META_FILE, json.dumps(dict(meta), indent=2, sort_keys=True))
+        with atomic_path(self.out_dir / FEATURES_FILE) as tmp_features:
+            array = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim))
+            seen = np.zeros(len(ids), dtype=np.int64)
+            for shard in range(num_shards):
+                if not self.is_done(shard):
+                    raise RuntimeError(f"{self._path(shard)} missing: the job did not finish every shard")
+                with np.load(self._path(shard)) as data:
+                    rows, values = data["rows"], data["values"]
+                array[rows] = values
+                np.add.at(seen, rows, 1)
+            if not (seen == 1).all():
+                bad = np.nonzero(seen != 1)[0][:5].tolist()
+                raise RuntimeError(f"rows {bad} were written {seen[bad].tolist()} times; store not assembled")
+            array.flush()
+            del array
+        write_json(self.out_dir / IDS_FILE, list(ids))
+        write_json(self.out_dir / META_FILE, dict(meta), indent=2, sort_keys=True)
         shutil.rmtree(self.shard_dir)
         return self.out_dir
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
