@@ -25,18 +25,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, get_args
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from iaif.common.dist import is_main_process, wait_for_everyone
 from iaif.common.provenance import write_run_info
-from iaif.config import config_from_dict
+from iaif.config import ConfigError, config_from_dict
 from iaif.selection.select import Method
+from iaif.stages import STAGES
 from iaif.training.data import Template
 
 logger = logging.getLogger(__name__)
@@ -91,26 +92,40 @@ class PipelineConfig:
     eval: dict[str, Any] = field(default_factory=dict)
     """Overrides of iaif.evaluation.lm_eval_runner.EvalConfig (e.g. {batch_size: 16, backend: vllm})."""
 
+    def __post_init__(self) -> None:
+        for section in SECTION_STAGES:
+            check_section(section, getattr(self, section) or {})
 
-def _stage(ref: str) -> tuple[type, Callable[[Any], Path]]:
-    import importlib
 
-    from iaif.cli import STAGES
+SECTION_STAGES: dict[str, str] = {
+    "tiny_model": "build-tiny-model", "demo_data": "make-demo-data",
+    "warmup": "warmup", "extract": "extract", "select": "select", "train": "train", "eval": "eval",
+}
+"""Pipeline section -> the stage (``iaif.stages``) whose config it feeds; each is checked against it at load."""
 
-    stage = STAGES[ref]
-    mods = [s.split(":") for s in (stage.config, stage.run)]
-    return tuple(getattr(importlib.import_module(m), n) for m, n in mods)
+
+def check_section(section: str, values: dict[str, Any]) -> None:
+    """Check a section's keys and value types against the config of the stage it feeds; a typo is
+    a ``ConfigError`` naming ``section.key`` (the caller adds the file)."""
+    if not values:
+        return
+    cls, _ = STAGES[SECTION_STAGES[section]].load()
+    try:
+        OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(values))
+    except OmegaConfBaseException as err:
+        where = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
+        raise ConfigError(f"{where}: {str(err.msg).splitlines()[0]} ({cls.__name__})") from None
 
 
 def _compose(stage: str, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
     """The stage's config: pipeline-derived values, then the YAML section merged on top."""
-    cls, _ = _stage(stage)
+    cls, _ = STAGES[stage].load()
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(overrides)))
     return config_from_dict(cls, merged, origin=f"pipeline section '{stage}'")  # type: ignore[arg-type]
 
 
 def _run_stage(stage: str, cfg: Any) -> Path:
-    return _stage(stage)[1](cfg)
+    return STAGES[stage].load()[1](cfg)
 
 
 @dataclass
