@@ -39,6 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from iaif.common.atomic import remove_stale_temps, temp_path, write_jsonl
+from iaif.common.contracts import DEMO_MANIFEST_FILE
 from iaif.common.provenance import write_run_info
 from iaif.training.data import Example, Message, render
 
@@ -316,7 +317,7 @@ def make_demo_data(cfg: DemoDataConfig) -> Path:
     sibling folder first, then moved into place, so nothing is left half-written)."""
     pool, targets, manifest = generate(cfg)
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+    if out.exists() and any(out.iterdir()) and not (out / DEMO_MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out}: exists and is not a demo-data folder; choose another output_dir")
     remove_stale_temps(out.parent, out.name)
     tmp = temp_path(out)
@@ -324,7 +325,7 @@ def make_demo_data(cfg: DemoDataConfig) -> Path:
     for task, splits in targets.items():
         for split, records in splits.items():
             write_jsonl(tmp / "targets" / task / f"{split}.jsonl", records)
-    with open(tmp / "manifest.json", "w", encoding="utf-8") as fh:
+    with open(tmp / DEMO_MANIFEST_FILE, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=2)
     write_run_info(tmp, cfg, "make-demo-data")
     if out.exists():

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from iaif.common.atomic import write_json
+from iaif.common.contracts import ADAPTER_CONFIG_FILE, SCORES_FILE
+from iaif.common.contracts import EVAL_RESULTS_FILE as RESULTS_FILE
 from iaif.common.provenance import write_run_info
 from iaif.training.data import TULU_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "lm_eval_results.json"
-SCORES_FILE = "scores.json"
 
 
 
@@ -185,7 +185,7 @@ def run_eval(cfg: EvalConfig) -> Path:
 
     if not cfg.model:
         raise ValueError("eval: `model` is required (base model folder or Hub id)")
-    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+    if cfg.adapter and not (Path(cfg.adapter) / ADAPTER_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"eval: adapter {cfg.adapter} has no adapter_config.json")
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "eval")

@@ -33,6 +33,7 @@ from typing import Any, get_args
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from iaif.common.contracts import ADAPTER_DIR, SELECTED_FILE, SELECTION_SUMMARY_FILE, done_marker
 from iaif.common.dist import is_main_process, wait_for_everyone
 from iaif.common.provenance import write_run_info
 from iaif.config import ConfigError, config_from_dict
@@ -151,7 +152,7 @@ def _setup(cfg: PipelineConfig, out: Path) -> _Resolved:
 
         demo = config_from_dict(DemoDataConfig, {"output_dir": str(out / "demo_data"), **cfg.demo_data}, "demo_data")
         data_dir = Path(demo.output_dir)
-        if is_main_process() and not (data_dir / "manifest.json").is_file():
+        if is_main_process() and not done_marker("make-demo-data", data_dir).is_file():
             make_demo_data(demo)
         wait_for_everyone()
         pool = str(data_dir / "pool.jsonl")
@@ -197,7 +198,7 @@ def _extract(cfg: PipelineConfig, res: _Resolved, out: Path, checkpoints: list[P
             folder = out / "features" / ckpt.name.replace("checkpoint-", "") / name
             key = "pool" if name == "pool" else name[len("target-"):]
             stores.setdefault(key, []).append(str(folder))
-            if _done(folder / "meta.json"):
+            if _done(done_marker("extract", folder)):
                 continue
             if "extract" not in cfg.steps:
                 raise FileNotFoundError(f"{folder}: feature store missing and step 'extract' not requested")
@@ -221,7 +222,7 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, li
             name = _selection_name(method, seed)
             folder = out / "select" / name
             chosen[name] = folder
-            if _done(folder / "summary.json"):
+            if _done(done_marker("select", folder)):
                 continue
             if "select" not in cfg.steps:
                 raise FileNotFoundError(f"{folder}: selection missing and step 'select' not requested")
@@ -242,12 +243,12 @@ def _train(cfg: PipelineConfig, res: _Resolved, out: Path, selections: dict[str,
     for method in cfg.methods:
         for seed in cfg.seeds:
             folder = out / "train" / f"{method}-s{seed}"
-            adapters[(method, seed)] = folder / "adapter"
-            if _done(folder / "adapter" / "adapter_config.json"):
+            adapters[(method, seed)] = folder / ADAPTER_DIR
+            if _done(done_marker("train", folder)):
                 continue
             if "train" not in cfg.steps:
                 raise FileNotFoundError(f"{folder}: adapter missing and step 'train' not requested")
-            data = selections[_selection_name(method, seed)] / "selected.jsonl"
+            data = selections[_selection_name(method, seed)] / SELECTED_FILE
             base = {"data": {"path": str(data)}, "model": {"name_or_path": res.model}, "output_dir": str(folder),
                     "training": {"seed": seed, "template": cfg.template, "max_length": cfg.max_length}}
             _run_stage("train", _compose("train", base, cfg.train))
@@ -255,7 +256,6 @@ def _train(cfg: PipelineConfig, res: _Resolved, out: Path, selections: dict[str,
 
 
 def _eval(cfg: PipelineConfig, res: _Resolved, out: Path, adapters: dict[tuple[str, int], Path]) -> list[Any]:
-    from iaif.evaluation.lm_eval_runner import SCORES_FILE
     from iaif.evaluation.report import EvalRun
 
     jobs: list[tuple[str, int, Path | None]] = [("base", seed, None) for seed in cfg.seeds[:1] if cfg.eval_base]
@@ -264,7 +264,7 @@ def _eval(cfg: PipelineConfig, res: _Resolved, out: Path, adapters: dict[tuple[s
     for method, seed, adapter in jobs:
         folder = out / "eval" / (method if adapter is None else f"{method}-s{seed}")
         runs.append(EvalRun(method, seed, folder))
-        if _done(folder / SCORES_FILE):
+        if _done(done_marker("eval", folder)):
             continue
         if "eval" not in cfg.steps:
             raise FileNotFoundError(f"{folder}: evaluation missing and step 'eval' not requested")
@@ -312,7 +312,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         return out
     from iaif.evaluation.report import write_report
 
-    report = write_report(runs, {name: folder / "summary.json" for name, folder in selections.items()},
+    report = write_report(runs, {name: folder / SELECTION_SUMMARY_FILE for name, folder in selections.items()},
                           out / "report", title=f"iaif comparison: {Path(cfg.output_dir).name}")
     finished("report", str(report))
     return report

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 
 from iaif.common.atomic import temp_path
+from iaif.common.contracts import SELECTED_FILE
+from iaif.common.contracts import SELECTION_SUMMARY_FILE as SUMMARY_FILE
 from iaif.common.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
 from iaif.selection.influence import CheckpointFeatures, group_columns, influence_matrix, open_checkpoints, parameter_features
 from iaif.selection.objective import Combine, TaskTerms, build_objectives
@@ -36,8 +38,6 @@ logger = logging.getLogger(__name__)
 Method = Literal["interaction", "less", "first-order", "random", "rds", "embed"]
 """The selection methods, the one list (the pipeline compares them all by default)."""
 Curvature = Literal["ef", "gn", "identity"]
-SELECTED_FILE = "selected.jsonl"
-SUMMARY_FILE = "summary.json"
 META_FIELD = "_iaif"
 
 
@@ -253,8 +253,8 @@ def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example],
     for name in (CONFIG_FILE, RUN_INFO_FILE):
         os.replace(staging / name, out / name)
     staging.rmdir()
-    os.replace(tmp_sum, out / SUMMARY_FILE)
     os.replace(tmp_sel, out / SELECTED_FILE)
+    os.replace(tmp_sum, out / SUMMARY_FILE)  # last: marks the selection done
     return out
 
 

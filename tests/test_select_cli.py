@@ -26,7 +26,11 @@ def _store(path: Path, ids: list[str], feats: np.ndarray, adapter: str, lr_weigh
     (path / "ids.json").write_text(json.dumps(ids))
     base = {"model": "tiny", "model_revision": None, "template_hash": "h", "projection": "rademacher",
             "projection_seed": 0, "dim": DIM, "projection_version": 1, "dataset_fingerprint": path.parent.name,
-            "dtype": "float16", "adapter_hash": adapter, "lr_weight": lr_weight}
+            "dtype": "float16", "adapter_hash": adapter, "lr_weight": lr_weight, "precision": "fp32",
+            "checkpoint": f"ckpt-{adapter}", "feature": "adam" if path.parent.name == "pool" else "grad",
+            "dataset": path.parent.name, "num_examples": len(ids), "num_excluded": 0, "template": "tulu",
+            "max_length": 64, "lora_parameters": DIM, "normalised": False, "sampled_labels": 0, "sample_seed": None,
+            "tool_version": "test"}
     (path / "meta.json").write_text(json.dumps({**base, **meta}))
     return str(path)
 

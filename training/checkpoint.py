@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from iaif.common.atomic import remove_stale_temps, temp_path
+from iaif.common.contracts import ADAPTER_DIR
 from iaif.training.lora import adapter_hash
 
-ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer_state.pt"
 META_FILE = "checkpoint.json"
 CHECKPOINT_PREFIX = "checkpoint-epoch"

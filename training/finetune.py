@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from iaif.common.contracts import ADAPTER_DIR
 from iaif.common.dist import is_main_process, process_state
 from iaif.common.provenance import CONFIG_FILE, config_to_dict, write_run_info
 from iaif.training.collate import PaddingCollator, TokenizedDataset
@@ -32,7 +33,6 @@ from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_base_mo
 logger = logging.getLogger(__name__)
 
 TRAINER_DIR = "trainer"
-ADAPTER_DIR = "adapter"
 SUMMARY_FILE = "train_summary.json"
 
 

@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 import torch
 
+from iaif.common.contracts import ADAPTER_CONFIG_FILE
+
 logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "4bit"]
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, "adapter_model.safetensors")
 
 
 @dataclass

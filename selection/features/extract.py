@@ -42,7 +42,7 @@ from iaif.selection.features.adam import AdamPreconditioner
 from iaif.selection.features.batching import group_shards, token_budget_batches
 from iaif.selection.features.per_example_grads import LoraGradientHooks, LoraMatrix, Relabel, backward_per_example, find_lora_matrices
 from iaif.selection.features.projection import DenseProjector, KroneckerProjector, ProjectionKind
-from iaif.selection.features.store import META_FILE, ShardWriter, StoreMismatchError, require_match
+from iaif.selection.features.store import META_FILE, ShardWriter, StoreMeta, StoreMismatchError, require_match
 from iaif.training.collate import PaddingCollator
 from iaif.training.data import (
     IGNORE_INDEX,
@@ -308,20 +308,20 @@ def run_extract(cfg: ExtractConfig) -> Path:
     model, ckpt_info, adam = _load_model(cfg, state.device)
     featurizer = LoraFeaturizer(model, cfg.feature, cfg.projection, cfg.dim, cfg.seed, adam)
     dtype = "float16" if cfg.store_dtype == "fp16" else "float32"
-    meta = {
-        "model": cfg.model.name_or_path, "model_revision": cfg.model.revision, "precision": cfg.model.precision,
+    meta = StoreMeta(
+        model=cfg.model.name_or_path, model_revision=cfg.model.revision, precision=cfg.model.precision,
         **ckpt_info,
-        "feature": cfg.feature, "projection": cfg.projection, "projection_seed": cfg.seed, "dim": cfg.dim,
-        "projection_version": PROJECTION_VERSION, "dtype": dtype,
-        "dataset": cfg.data.path, "dataset_fingerprint": dataset_fingerprint(examples), "num_examples": len(examples),
-        "num_excluded": len(excluded), "template": cfg.template, "template_hash": template_hash(cfg.template, tokenizer),
-        "max_length": cfg.max_length, "lora_parameters": featurizer.num_parameters, "normalised": False,
-        "sampled_labels": cfg.sampled_labels, "sample_seed": cfg.sample_seed if cfg.sampled_labels else None,
-        "tool_version": package_version(),
-    }
+        feature=cfg.feature, projection=cfg.projection, projection_seed=cfg.seed, dim=cfg.dim,
+        projection_version=PROJECTION_VERSION, dtype=dtype,
+        dataset=cfg.data.path, dataset_fingerprint=dataset_fingerprint(examples), num_examples=len(examples),
+        num_excluded=len(excluded), template=cfg.template, template_hash=template_hash(cfg.template, tokenizer),
+        max_length=cfg.max_length, lora_parameters=featurizer.num_parameters, normalised=False,
+        sampled_labels=cfg.sampled_labels, sample_seed=cfg.sample_seed if cfg.sampled_labels else None,
+        tool_version=package_version(),
+    )
     if (out_dir / META_FILE).is_file():
-        done = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
-        require_match(done, meta, [k for k in meta if k != "tool_version"],
+        done, wanted = StoreMeta.read(out_dir / META_FILE).to_dict(), meta.to_dict()
+        require_match(done, wanted, [k for k in wanted if k != "tool_version"],
                       f"{out_dir} already holds a finished store of other settings")
         logger.info("%s: store already complete", out_dir)
         return out_dir
@@ -330,7 +330,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
                         cfg.shard_examples)
     writer = ShardWriter(out_dir)
     if state.is_main_process:
-        writer.claim({**meta, "token_budget": cfg.token_budget, "max_batch_size": cfg.max_batch_size,
+        writer.claim({**meta.to_dict(), "token_budget": cfg.token_budget, "max_batch_size": cfg.max_batch_size,
                       "shard_examples": cfg.shard_examples})
         write_json(out_dir / "excluded.json", [vars(e) for e in excluded], indent=2)
     state.wait_for_everyone()
