@@ -1,34 +1,77 @@
-"""Temporary files written beside their final name and renamed into place, and the clean-up of the
-ones a killed run left behind.
+"""Atomic writes: a file (or folder) is written under a temporary name beside its target and then
+renamed onto it, so a reader or a resumed job sees the old content or the whole new one, never a
+torn file.
 
-A temporary file of ``DIR/NAME`` is ``DIR/.NAME.tmp-<pid>``: the pid keeps processes apart, and
-``remove_stale_temps`` (called by the next run of the stage) deletes those whose process is gone.
+One temporary-name scheme for the whole package: ``.<name>.tmp-<pid>`` in the target's folder
+(hidden, so globs over outputs skip it; the pid keeps concurrent writers apart).
+:func:`remove_stale_temps`, called by the next run of a stage, deletes what killed writers left behind:
+only temporaries whose process is gone, so a concurrent writer's work is never touched.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
+TEMP_MARK = ".tmp-"
 _TEMP = re.compile(r"^\.(.+)\.tmp-(\d+)$")
 
 
 def temp_path(path: str | Path) -> Path:
-    """``DIR/.NAME.tmp-<pid>`` for ``DIR/NAME``."""
+    """The temporary name of ``path`` for this process: ``.<name>.tmp-<pid>`` beside it."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to a temporary name, then rename it onto ``path``."""
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield the temporary name of ``path`` (parent folders created) for the caller to write; on
+    success rename it onto ``path``, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            _remove(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any, **dumps: Any) -> Path:
+    """Write ``json.dumps(data, **dumps)`` to ``path`` atomically."""
+    return write_text(path, json.dumps(data, **dumps))
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write records as JSON lines (non-ASCII kept) to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def _alive(pid: int) -> bool:
@@ -43,22 +86,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | Path, names: Iterable[str] | None = None) -> list[Path]:
-    """Delete ``folder/.NAME.tmp-<pid>`` files or folders (of the given names; None: any name) whose
-    process is gone; returns what was removed (each is logged)."""
+def remove_stale_temps(folder: str | Path, names: str | Iterable[str] | None = None) -> list[Path]:
+    """Delete ``folder/.NAME.tmp-<pid>`` files or folders (of the given target name(s); None: any)
+    whose process is gone; returns what was removed (each is logged)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    wanted = None if names is None else set(names)
+    wanted = None if names is None else {names} if isinstance(names, str) else set(names)
     removed = []
     for entry in sorted(folder.iterdir()):
         match = _TEMP.match(entry.name)
         if not match or (wanted is not None and match.group(1) not in wanted) or _alive(int(match.group(2))):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        _remove(entry)
         logger.info("removed %s, left by an interrupted run", entry)
         removed.append(entry)
     return removed

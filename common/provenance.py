@@ -40,7 +40,8 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A dataclass config (nested allowed) as plain YAML-safe data."""
-    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    is_instance = dataclasses.is_dataclass(config) and not isinstance(config, type)
+    data = dataclasses.asdict(config) if is_instance else dict(config)
     return json.loads(json.dumps(data, default=str))
 
 

@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from iaif.common.atomic import remove_stale_temps, temp_path, write_jsonl
+from iaif.common.contracts import DEMO_MANIFEST_FILE
 from iaif.common.provenance import write_run_info
-from iaif.training.data import Example, Message, render, write_jsonl
+from iaif.training.data import Example, Message, render
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ def _record(rid: str, family: str, q: str, a: str, *, cluster: str | None = None
 
 def _sample(family: str, rng: random.Random, t: Tables, n: int, avoid: AbstractSet[str] = frozenset()) -> list[tuple[str, str, str]]:
     """n examples of a family whose question text is not in ``avoid``."""
-    out = []
+    out: list[tuple[str, str, str]] = []
     for _ in range(100 * n + 1000):
         if len(out) == n:
             return out
@@ -315,16 +317,15 @@ def make_demo_data(cfg: DemoDataConfig) -> Path:
     sibling folder first, then moved into place, so nothing is left half-written)."""
     pool, targets, manifest = generate(cfg)
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+    if out.exists() and any(out.iterdir()) and not (out / DEMO_MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out}: exists and is not a demo-data folder; choose another output_dir")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_temps(out.parent, out.name)
+    tmp = temp_path(out)
     write_jsonl(tmp / "pool.jsonl", pool)
     for task, splits in targets.items():
         for split, records in splits.items():
             write_jsonl(tmp / "targets" / task / f"{split}.jsonl", records)
-    with open(tmp / "manifest.json", "w", encoding="utf-8") as fh:
+    with open(tmp / DEMO_MANIFEST_FILE, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=2)
     write_run_info(tmp, cfg, "make-demo-data")
     if out.exists():

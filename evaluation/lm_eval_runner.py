@@ -24,14 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from iaif.common.atomic import write_json
+from iaif.common.contracts import ADAPTER_CONFIG_FILE, SCORES_FILE
+from iaif.common.contracts import EVAL_RESULTS_FILE as RESULTS_FILE
 from iaif.common.device import check_device
 from iaif.common.provenance import write_run_info
 from iaif.training.data import TULU_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "lm_eval_results.json"
-SCORES_FILE = "scores.json"
 
 
 
@@ -166,9 +167,7 @@ def _tokenizer_chat_template(cfg: EvalConfig) -> str | None:
 def _write_json(path: Path, data: Any) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, data, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
 def headline_scores(results: dict[str, Any], entries: list[Any]) -> list[TaskScore]:
@@ -199,7 +198,7 @@ def run_eval(cfg: EvalConfig) -> Path:
 
     if not cfg.model:
         raise ValueError("eval: `model` is required (base model folder or Hub id)")
-    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+    if cfg.adapter and not (Path(cfg.adapter) / ADAPTER_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"eval: adapter {cfg.adapter} has no adapter_config.json")
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "eval")

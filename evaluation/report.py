@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,7 @@ def _markdown(agg: dict[str, Any], selections: dict[str, dict[str, Any]], title:
     return "\n".join(lines)
 
 
-def write_report(runs: list[EvalRun], selections: dict[str, str | Path], out_dir: str | Path,
+def write_report(runs: list[EvalRun], selections: Mapping[str, str | Path], out_dir: str | Path,
                  title: str = "iaif comparison") -> Path:
     """Write report.md, results.json and the plots into ``out_dir``; return the report path.
     ``selections``: selection name -> its ``iaif select`` folder (or ``selected.jsonl``)."""

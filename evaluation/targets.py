@@ -23,10 +23,11 @@ from typing import Any, Literal
 import jinja2
 import yaml
 
+from iaif.common.atomic import write_jsonl
 from iaif.common.provenance import write_run_info
 from iaif.evaluation.tasks.build import TEMPLATES, default_data_dir
 from iaif.evaluation.tasks.sources import BENCHMARKS, Record, Subtask
-from iaif.training.data import DataError, write_jsonl
+from iaif.training.data import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@ flags (tyro), e.g. ``iaif select --config configs/demo_select.yaml --k 100 --met
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,8 +82,3 @@ def parse_stage_config(cls: type[T], argv: Sequence[str], prog: str, description
         description=description + "\n\nAll flags may also come from --config FILE.yaml (flags win).",
         config=(tyro.conf.FlagConversionOff,),
     )
-
-
-def replace(config: T, **changes: Any) -> T:
-    """Copy of a (frozen or not) dataclass config with some fields changed."""
-    return dataclasses.replace(config, **changes)  # type: ignore[type-var]

@@ -28,20 +28,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from iaif.common.contracts import ADAPTER_DIR, SELECTED_FILE, done_marker
+from iaif.common.dist import is_main_process, wait_for_everyone
 from iaif.common.provenance import write_run_info
-from iaif.config import config_from_dict
+from iaif.config import ConfigError, config_from_dict
+from iaif.selection.select import Method
+from iaif.stages import STAGES
+from iaif.training.data import Template
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ["interaction", "less", "first-order", "random", "rds", "embed"]
+ALL_METHODS: list[Method] = list(get_args(Method))
 SEEDED_METHODS = {"random"}
 STEPS = ["setup", "warmup", "extract", "select", "train", "eval", "report"]
 
@@ -58,7 +63,7 @@ class PipelineConfig:
     """Candidate pool file (any format the data layer reads). Demo: the generated pool."""
     targets: dict[str, str] = field(default_factory=dict)
     """Target task name -> validation file used for selection. Demo: the generated validation sets."""
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[Method] = field(default_factory=lambda: list(ALL_METHODS))
     """Selection methods to compare (interaction, less, first-order, random, rds, embed)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """Fine-tuning seeds (and selection seeds of the seeded methods)."""
@@ -66,7 +71,7 @@ class PipelineConfig:
     """Selection budget as a fraction of the pool (LESS: 5%); the same for every method."""
     k: int | None = None
     """Selection budget as a number of examples (overrides fraction)."""
-    template: str = "tulu"
+    template: Template = "tulu"
     """Prompt format in every stage: tulu or chat (the tokenizer's template)."""
     max_length: int = 2048
     """Token limit per example in warm-up, extraction and training."""
@@ -97,42 +102,40 @@ class PipelineConfig:
     eval: dict[str, Any] = field(default_factory=dict)
     """Overrides of iaif.evaluation.lm_eval_runner.EvalConfig (e.g. {batch_size: 16, backend: vllm})."""
 
+    def __post_init__(self) -> None:
+        for section in SECTION_STAGES:
+            check_section(section, getattr(self, section) or {})
 
-def _stage(ref: str) -> tuple[type, Callable[[Any], Path]]:
-    import importlib
 
-    from iaif.cli import STAGES
+SECTION_STAGES: dict[str, str] = {
+    "tiny_model": "build-tiny-model", "demo_data": "make-demo-data",
+    "warmup": "warmup", "extract": "extract", "select": "select", "train": "train", "eval": "eval",
+}
+"""Pipeline section -> the stage (``iaif.stages``) whose config it feeds; each is checked against it at load."""
 
-    stage = STAGES[ref]
-    mods = [s.split(":") for s in (stage.config, stage.run)]
-    return tuple(getattr(importlib.import_module(m), n) for m, n in mods)  # type: ignore[return-value]
+
+def check_section(section: str, values: dict[str, Any]) -> None:
+    """Check a section's keys and value types against the config of the stage it feeds; a typo is
+    a ``ConfigError`` naming ``section.key`` (the caller adds the file)."""
+    if not values:
+        return
+    cls, _ = STAGES[SECTION_STAGES[section]].load()
+    try:
+        OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(values))
+    except OmegaConfBaseException as err:
+        where = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
+        raise ConfigError(f"{where}: {str(err.msg).splitlines()[0]} ({cls.__name__})") from None
 
 
 def _compose(stage: str, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
     """The stage's config: pipeline-derived values, then the YAML section merged on top."""
-    cls, _ = _stage(stage)
+    cls, _ = STAGES[stage].load()
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(overrides)))
     return config_from_dict(cls, merged, origin=f"pipeline section '{stage}'")  # type: ignore[arg-type]
 
 
 def _run_stage(stage: str, cfg: Any) -> Path:
-    return _stage(stage)[1](cfg)
-
-
-class _Ranks:
-    """Main-process test and barrier (one process without accelerate)."""
-
-    def __init__(self) -> None:
-        from accelerate import PartialState
-
-        self.state = PartialState()
-
-    @property
-    def main(self) -> bool:
-        return self.state.is_main_process
-
-    def wait(self) -> None:
-        self.state.wait_for_everyone()
+    return STAGES[stage].load()[1](cfg)
 
 
 @dataclass
@@ -143,24 +146,24 @@ class _Resolved:
     demo_targets: str | None
 
 
-def _setup(cfg: PipelineConfig, out: Path, ranks: _Ranks) -> _Resolved:
+def _setup(cfg: PipelineConfig, out: Path) -> _Resolved:
     model, pool, targets, demo_targets = cfg.model, cfg.pool, dict(cfg.targets), None
     if cfg.tiny_model is not None:
         from iaif.demo.tiny_model import TinyModelConfig, build_tiny_model
 
         tiny = config_from_dict(TinyModelConfig, cfg.tiny_model, "tiny_model")  # cached by its settings
-        if ranks.main:
+        if is_main_process():
             build_tiny_model(tiny)
-        ranks.wait()
+        wait_for_everyone()
         model = str(tiny.resolved_output_dir())
     if cfg.demo_data is not None:
         from iaif.demo.demo_data import DemoDataConfig, make_demo_data
 
         demo = config_from_dict(DemoDataConfig, {"output_dir": str(out / "demo_data"), **cfg.demo_data}, "demo_data")
         data_dir = Path(demo.output_dir)
-        if ranks.main and not (data_dir / "manifest.json").is_file():
+        if is_main_process() and not done_marker("make-demo-data", data_dir).is_file():
             make_demo_data(demo)
-        ranks.wait()
+        wait_for_everyone()
         pool = str(data_dir / "pool.jsonl")
         demo_targets = str(data_dir / "targets")
         targets = {**{t: str(data_dir / "targets" / t / "validation.jsonl") for t in demo.target_tasks}, **targets}
@@ -205,11 +208,11 @@ def _extract(cfg: PipelineConfig, res: _Resolved, out: Path, checkpoints: list[P
             folder = out / "features" / ckpt.name.replace("checkpoint-", "") / name
             key = "pool" if name == pool_folder else name[len("target-"):]
             stores.setdefault(key, []).append(str(folder))
-            if _done(folder / "meta.json"):
+            if _done(done_marker("extract", folder)):
                 continue
             if "extract" not in cfg.steps:
                 raise FileNotFoundError(f"{folder}: feature store missing and step 'extract' not requested")
-            base = {"model": {"name_or_path": res.model}, "checkpoint": str(ckpt), "data": {"path": data},
+            base: dict[str, Any] = {"model": {"name_or_path": res.model}, "checkpoint": str(ckpt), "data": {"path": data},
                     "feature": feature, "template": cfg.template, "max_length": cfg.max_length, "output_dir": str(folder)}
             if key != "pool":
                 base["data"]["task"] = key
@@ -221,7 +224,7 @@ def _selection_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}" if method in SEEDED_METHODS else method
 
 
-def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, list[str]], ranks: _Ranks) -> dict[str, Path]:
+def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, list[str]]) -> dict[str, Path]:
     """One selection per method (per seed for the seeded ones), for all target tasks together or
     (``select_per_target``) per task; returns name (``<task>/<name>`` per task) -> folder."""
     chosen: dict[str, Path] = {}
@@ -232,7 +235,7 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, li
                 name = str(Path(group, _selection_name(method, seed)))
                 folder = out / "select" / name
                 chosen[name] = folder
-                if _done(folder / "summary.json"):
+                if _done(done_marker("select", folder)):
                     continue
                 if "select" not in cfg.steps:
                     raise FileNotFoundError(f"{folder}: selection missing and step 'select' not requested")
@@ -242,9 +245,9 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, li
                         "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
                 if cfg.tiny_model is not None:  # offline: no sentence-transformers model, embed with the tiny LM (mean pooling)
                     base["embedder"] = res.model
-                if ranks.main:
+                if is_main_process():
                     _run_stage("select", _compose("select", base, cfg.select))
-                ranks.wait()
+                wait_for_everyone()
     return chosen
 
 
@@ -253,12 +256,12 @@ def _train(cfg: PipelineConfig, res: _Resolved, out: Path, selections: dict[str,
     for method in cfg.methods:
         for seed in cfg.seeds:
             folder = out / "train" / f"{method}-s{seed}"
-            adapters[(method, seed)] = folder / "adapter"
-            if _done(folder / "adapter" / "adapter_config.json"):
+            adapters[(method, seed)] = folder / ADAPTER_DIR
+            if _done(done_marker("train", folder)):
                 continue
             if "train" not in cfg.steps:
                 raise FileNotFoundError(f"{folder}: adapter missing and step 'train' not requested")
-            data = selections[_selection_name(method, seed)] / "selected.jsonl"
+            data = selections[_selection_name(method, seed)] / SELECTED_FILE
             base = {"data": {"path": str(data)}, "model": {"name_or_path": res.model}, "output_dir": str(folder),
                     "training": {"seed": seed, "template": cfg.template, "max_length": cfg.max_length}}
             _run_stage("train", _compose("train", base, cfg.train))
@@ -266,7 +269,6 @@ def _train(cfg: PipelineConfig, res: _Resolved, out: Path, selections: dict[str,
 
 
 def _eval(cfg: PipelineConfig, res: _Resolved, out: Path, adapters: dict[tuple[str, int], Path]) -> list[Any]:
-    from iaif.evaluation.lm_eval_runner import SCORES_FILE
     from iaif.evaluation.report import EvalRun
 
     jobs: list[tuple[str, int, Path | None]] = [("base", seed, None) for seed in cfg.seeds[:1] if cfg.eval_base]
@@ -275,7 +277,7 @@ def _eval(cfg: PipelineConfig, res: _Resolved, out: Path, adapters: dict[tuple[s
     for method, seed, adapter in jobs:
         folder = out / "eval" / (method if adapter is None else f"{method}-s{seed}")
         runs.append(EvalRun(method, seed, folder))
-        if _done(folder / SCORES_FILE):
+        if _done(done_marker("eval", folder)):
             continue
         if "eval" not in cfg.steps:
             raise FileNotFoundError(f"{folder}: evaluation missing and step 'eval' not requested")
@@ -297,8 +299,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         raise ValueError("run: `select_per_target` makes per-task selections; train/eval/report need the joint one "
                          "(use --steps up to select)")
     out = Path(cfg.output_dir)
-    ranks = _Ranks()
-    if ranks.main:
+    if is_main_process():
         write_run_info(out, cfg, "run")
     start = time.perf_counter()
     last = max(STEPS.index(s) for s in cfg.steps)
@@ -307,7 +308,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         logger.info("[%.0fs] %s: %s", time.perf_counter() - start, step, what)
         return STEPS.index(step) >= last
 
-    res = _setup(cfg, out, ranks)
+    res = _setup(cfg, out)
     if finished("setup", f"model {res.model}, pool {res.pool}, targets {sorted(res.targets)}"):
         return out
     checkpoints = _warmup(cfg, res, out)
@@ -316,14 +317,14 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     stores = _extract(cfg, res, out, checkpoints)
     if finished("extract", f"{sum(map(len, stores.values()))} feature store(s)"):
         return out
-    selections = _select(cfg, res, out, stores, ranks)
+    selections = _select(cfg, res, out, stores)
     if finished("select", f"{len(selections)} selection(s)"):
         return out
     adapters = _train(cfg, res, out, selections)
     if finished("train", f"{len(adapters)} adapter(s)"):
         return out
     runs = _eval(cfg, res, out, adapters)
-    if finished("eval", f"{len(runs)} evaluation(s)") or not ranks.main:
+    if finished("eval", f"{len(runs)} evaluation(s)") or not is_main_process():
         return out
     from iaif.evaluation.report import write_report
 

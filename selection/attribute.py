@@ -7,7 +7,6 @@ the group is removed, in the features' units), and the largest pairwise interact
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import torch
 
-from iaif.common.atomic import atomic_write_text, remove_stale_temps
+from iaif.common.atomic import remove_stale_temps, write_json
 from iaif.common.provenance import write_run_info
 from iaif.selection.estimators import pairwise_kappa, quadratic_part
 from iaif.selection.influence import influence_matrix, open_checkpoints, parameter_features
@@ -100,7 +99,7 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "attribute")
     remove_stale_temps(out, [ATTRIBUTION_FILE])
-    atomic_write_text(out / ATTRIBUTION_FILE, json.dumps(report, indent=2))
+    write_json(out / ATTRIBUTION_FILE, report, indent=2)
     print(f"group of {report['size']} examples ({cfg.group}), curvature {cfg.curvature}")
     print(f"  first-order estimate (sum of individual influences): {report['first_order']:.6g}")
     print(f"  interaction part (½ Σ κ):                             {report['interaction']:.6g}")

@@ -58,7 +58,7 @@ def pool_candidates(pool: Sequence[Example], pool_stores: Sequence[str], allow_m
     not_in_store = [e for e in absent if e.id not in dropped]
     if at_extraction:
         logger.warning("%d pool example(s) were excluded at extraction (no answer tokens within max_length=%s; listed in "
-                       "%s) and are not candidates", len(at_extraction), store.meta.get("max_length"), store.path / EXCLUDED_FILE)
+                       "%s) and are not candidates", len(at_extraction), store.meta.max_length, store.path / EXCLUDED_FILE)
     if not_in_store:
         first = not_in_store[0]
         msg = (f"{len(not_in_store)} pool example(s) of {first.source} are not in the feature store {store.path} at all "

@@ -37,11 +37,6 @@ class GroupEstimate:
 # ---------------------------------------------------------------- parameter form (removal)
 
 
-def individual_influence(grad_f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """I(a) = ∇fᵀ u_a for every row of u ([N, p] → [N]); u may also be a single [p] vector."""
-    return u @ grad_f
-
-
 def pairwise_interaction(u_a: torch.Tensor, u_b: torch.Tensor, hvp_f: Hvp) -> torch.Tensor:
     """κ(a, b) = u_aᵀ H_f u_b."""
     return u_a @ hvp_f(u_b)
@@ -80,11 +75,6 @@ def basu_group_displacement(
 def ef_scores(phi: torch.Tensor) -> torch.Tensor:
     """s_a = mean_t φ_{a,t}: individual influence of each row of Φ ([N, m] → [N])."""
     return phi.mean(dim=-1)
-
-
-def ef_interaction(phi_a: torch.Tensor, phi_b: torch.Tensor) -> torch.Tensor:
-    """κ(a, b) = ⟨φ_a, φ_b⟩ / m (broadcasts over leading dimensions)."""
-    return (phi_a * phi_b).sum(dim=-1) / phi_a.shape[-1]
 
 
 def ef_group_estimate(phi_group: torch.Tensor) -> GroupEstimate:

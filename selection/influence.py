@@ -218,18 +218,18 @@ def group_columns(labels: Sequence[str]) -> tuple[list[int], dict[str, slice]]:
 
 def _lr_weights(pools: Sequence[FeatureStore]) -> list[float]:
     """The checkpoints' learning-rate weights; a single store without one (no warm-up) weighs 1."""
-    weights = [p.meta.get("lr_weight") for p in pools]
+    weights = [p.meta.lr_weight for p in pools]
     if len(pools) == 1 and weights[0] is None:
         return [1.0]
     missing = [str(p.path) for p, w in zip(pools, weights) if w is None]
     if missing:
         raise FeatureError(f"{missing[0]}: meta.json has no lr_weight (the checkpoint's learning-rate weight), "
                            "needed to combine several checkpoints")
-    return [float(w) for w in weights]
+    return [float(w) for w in weights if w is not None]  # none missing (checked above)
 
 
 def _checkpoint_key(store: FeatureStore) -> str:
-    return str(store.meta.get("adapter_hash") or store.meta.get("checkpoint") or "")
+    return store.meta.adapter_hash or store.meta.checkpoint or ""
 
 
 def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str], sampled: bool = False
@@ -253,7 +253,7 @@ def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str], sam
             raise StoreMismatchError(f"{pools[0].path} and {s.path}: pool stores list different example ids")
     for s in targets:
         pools[0].check_compatible(s, same_dataset=False)
-        draws = s.meta.get("sampled_labels") or 0
+        draws = s.meta.sampled_labels
         if draws and not sampled:
             raise StoreMismatchError(f"{s.path}: a sampled-label store (sampled_labels={draws}) given as a true-label "
                                      "target store; pass it as sampled_target_stores (curvature=gn)")
@@ -267,11 +267,11 @@ def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str], sam
     if len(set(keys)) != len(keys):
         raise StoreMismatchError(f"several pool stores come from the same checkpoint: {list(pool_paths)}")
     for s in pools:
-        if s.meta.get("feature", "adam") != "adam":
-            logger.warning("%s: pool features are '%s', LESS uses Adam update directions ('adam')", s.path, s.meta["feature"])
+        if s.meta.feature != "adam":
+            logger.warning("%s: pool features are '%s', LESS uses Adam update directions ('adam')", s.path, s.meta.feature)
     for s in targets:
-        if s.meta.get("feature", "grad") != "grad":
-            logger.warning("%s: target features are '%s', expected plain gradients ('grad')", s.path, s.meta["feature"])
+        if s.meta.feature != "grad":
+            logger.warning("%s: target features are '%s', expected plain gradients ('grad')", s.path, s.meta.feature)
     out = []
     for p, key, weight in zip(pools, keys, _lr_weights(pools)):
         group = by_key.get(key) or []

@@ -25,6 +25,9 @@ from typing import Any, Literal
 
 import torch
 
+from iaif.common.atomic import temp_path
+from iaif.common.contracts import SELECTED_FILE
+from iaif.common.contracts import SELECTION_SUMMARY_FILE as SUMMARY_FILE
 from iaif.common.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
 from iaif.selection.influence import (
     CheckpointFeatures,
@@ -39,10 +42,9 @@ from iaif.training.data import DataConfig, Example, Template, load_examples
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["interaction", "first-order", "less", "random", "rds", "embed"]
+Method = Literal["interaction", "less", "first-order", "random", "rds", "embed"]
+"""The selection methods, the one list (the pipeline compares them all by default)."""
 Curvature = Literal["ef", "gn", "identity"]
-SELECTED_FILE = "selected.jsonl"
-SUMMARY_FILE = "summary.json"
 META_FIELD = "_iaif"
 
 
@@ -121,9 +123,9 @@ class Selection:
     """Chosen candidates (indices into the candidate list) with per-rank metadata."""
 
     indices: list[int]
-    score: list[float | None]
-    first_order: list[float | None]
-    interaction: list[float | None]
+    score: Sequence[float | None]
+    first_order: Sequence[float | None]
+    interaction: Sequence[float | None]
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -251,7 +253,7 @@ def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example],
                     summary_extra: dict[str, Any]) -> Path:
     """selected.jsonl + summary.json + config/run info, each written to a temporary name and renamed
     (temporary files an interrupted run left are removed first)."""
-    from iaif.common.atomic import remove_stale_temps, temp_path
+    from iaif.common.atomic import remove_stale_temps
 
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, [SELECTED_FILE, SUMMARY_FILE, "run"])
@@ -277,8 +279,8 @@ def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example],
     for name in (CONFIG_FILE, RUN_INFO_FILE):
         os.replace(staging / name, out / name)
     staging.rmdir()
-    os.replace(tmp_sum, out / SUMMARY_FILE)
     os.replace(tmp_sel, out / SELECTED_FILE)
+    os.replace(tmp_sum, out / SUMMARY_FILE)  # last: marks the selection done
     return out
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from iaif.common.atomic import atomic_write_text, remove_stale_temps, temp_path
+from iaif.common.atomic import remove_stale_temps, temp_path, write_text
 from iaif.common.device import check_device
 from iaif.common.progress import LineProgress, progress
 
 
 def test_atomic_write_leaves_only_the_final_file(tmp_path):
-    atomic_write_text(tmp_path / "a.json", "{}")
+    write_text(tmp_path / "a.json", "{}")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     assert temp_path(tmp_path / "a.json").name.startswith(".a.json.tmp-")
 

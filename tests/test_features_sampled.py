@@ -69,8 +69,8 @@ def test_rows_equal_brute_force_on_sampled_labels(stores: dict, tiny_model_dir: 
     model = add_lora(load_base_model(cfg.model), cfg.lora).eval()
     examples, _ = tokenize_examples(load_examples(cfg.data), load_tokenizer(cfg.model), cfg.template, cfg.max_length)
     assert store.ids == [f"{ex.id}#{r}" for ex in examples for r in range(R)]
-    assert store.meta["sampled_labels"] == R and store.meta["sample_seed"] == 7 and store.meta["feature"] == "grad"
-    assert stores["true"].meta["sampled_labels"] == 0 and stores["true"].meta["sample_seed"] is None
+    assert store.meta.sampled_labels == R and store.meta.sample_seed == 7 and store.meta.feature == "grad"
+    assert stores["true"].meta.sampled_labels == 0 and stores["true"].meta.sample_seed is None
 
     matrices = find_lora_matrices(model)
     params = dict(model.named_parameters())

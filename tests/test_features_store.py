@@ -77,11 +77,11 @@ def test_store_contents(reference: FeatureStore, data_file: Path):
     ids = [json.loads(line)["id"] for line in data_file.read_text().splitlines()]
     assert excluded and reference.ids == [i for i in ids if i not in excluded]  # dataset order, excluded never stored
     assert reference.features.shape == (len(reference.ids), 256) and reference.features.dtype == np.float16
-    assert reference.meta["num_excluded"] == len(excluded)
+    assert reference.meta.num_excluded == len(excluded)
     assert isinstance(reference.features, np.memmap)
     meta = reference.meta
-    assert meta["projection"] == "factorised" and meta["dim"] == 256 and meta["feature"] == "grad"
-    assert meta["adapter_hash"].startswith("fresh-") and len(meta["dataset_fingerprint"]) == 16
+    assert meta.projection == "factorised" and meta.dim == 256 and meta.feature == "grad"
+    assert meta.adapter_hash.startswith("fresh-") and len(meta.dataset_fingerprint) == 16
     assert np.isfinite(reference.features).all() and np.abs(reference.features).max() > 0
     assert (reference.path / "run_info.json").is_file() and not (reference.path / ".shards").exists()
 
@@ -100,7 +100,7 @@ def test_two_processes_give_the_identical_store(reference: FeatureStore, tmp_pat
 
 def reference_cfg(reference: FeatureStore) -> ExtractConfig:
     meta = reference.meta
-    return make_cfg(Path(meta["model"]), Path(meta["dataset"]), reference.path)
+    return make_cfg(Path(meta.model), Path(meta.dataset), reference.path)
 
 
 def test_resume_after_kill(reference: FeatureStore, tmp_path: Path, caplog: pytest.LogCaptureFixture):
@@ -152,7 +152,7 @@ def test_mismatches_are_refused(reference: FeatureStore, tmp_path: Path):
                                                   output_dir=str(tmp_path / "dense"))))
     with pytest.raises(StoreMismatchError, match="projection"):
         subset.check_compatible(dense, same_dataset=True)
-    other_model = replace(subset, meta={**subset.meta, "model": "other/model"})
+    other_model = replace(subset, meta=replace(subset.meta, model="other/model"))
     with pytest.raises(StoreMismatchError, match="model"):
         subset.check_compatible(other_model, same_dataset=True)
 
@@ -200,7 +200,7 @@ def test_adam_features_from_a_warmup_checkpoint(tiny_model_dir: Path, data_file:
     cfg = make_cfg(tiny_model_dir, data_file, tmp_path / "adam", checkpoint=str(ckpt), feature="adam",
                    store_dtype="fp32", data=DataConfig(path=str(data_file), max_examples=5))
     store = FeatureStore.open(run_extract(cfg))
-    assert store.meta["lr_weight"] == 1.0 and store.meta["feature"] == "adam" and store.features.dtype == np.float32
+    assert store.meta.lr_weight == 1.0 and store.meta.feature == "adam" and store.features.dtype == np.float32
 
     state = torch.load(ckpt / "optimizer_state.pt")
     b1, b2 = state["betas"]

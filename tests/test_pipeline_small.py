@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from iaif.config import config_from_dict
+from iaif.config import ConfigError, config_from_dict, config_from_yaml
 from iaif.pipeline import PipelineConfig, _compose, run_pipeline
 
 SMALL = {
@@ -44,6 +46,25 @@ def test_stage_config_is_pipeline_values_then_yaml_section():
 def test_bad_section_key_names_the_section():
     with pytest.raises(ValueError, match="pipeline section 'train'"):
         _compose("train", {}, {"no_such_field": 1})
+
+
+@pytest.mark.parametrize(("section", "typo", "where"), [
+    ("warmup", {"training": {"num_epoch": 4}}, "warmup.training.num_epoch"),
+    ("extract", {"dim": "big"}, "extract.dim"),
+    ("demo_data", {"per_target_famly": 3}, "demo_data.per_target_famly"),
+])
+def test_section_typo_fails_at_load_naming_file_and_key(tmp_path, section, typo, where):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), section: typo}))
+    with pytest.raises(ConfigError, match=f"^{path}: {where}: "):
+        config_from_yaml(PipelineConfig, path)
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), section: {}}))
+    assert getattr(config_from_yaml(PipelineConfig, path), section) == {}
+
+
+def test_pipeline_does_not_import_the_cli():
+    code = "import sys, iaif.pipeline; sys.exit('iaif.cli' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_unknown_method_and_step_are_errors(tmp_path):

@@ -38,9 +38,12 @@ def _store(path: Path, ids: list[str], feats: np.ndarray, adapter: str, lr_weigh
     np.save(path / "features.npy", feats.astype(np.float16))
     (path / "ids.json").write_text(json.dumps(ids))
     base = {"model": model, "model_revision": None, "template_hash": "h", "projection": "rademacher",
-            "projection_seed": 0, "dim": DIM, "projection_version": 1, "dtype": "float16", "adapter_hash": adapter,
-            "lr_weight": lr_weight, "template": "tulu", "max_length": MAX_LENGTH,
-            "dataset_fingerprint": dataset_fingerprint(data or [])}
+            "projection_seed": 0, "dim": DIM, "projection_version": 1, "dataset_fingerprint": dataset_fingerprint(data or []),
+            "dtype": "float16", "adapter_hash": adapter, "lr_weight": lr_weight, "precision": "fp32",
+            "checkpoint": f"ckpt-{adapter}", "feature": "adam" if path.parent.name == "pool" else "grad",
+            "dataset": path.parent.name, "num_examples": len(ids), "num_excluded": 0, "template": "tulu",
+            "max_length": MAX_LENGTH, "lora_parameters": DIM, "normalised": False, "sampled_labels": 0, "sample_seed": None,
+            "tool_version": "test"}
     if data is not None:
         write_digests(path, data)
     (path / "meta.json").write_text(json.dumps({**base, **meta}))

@@ -15,15 +15,17 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from iaif.common.atomic import remove_stale_temps, temp_path
+from iaif.common.contracts import ADAPTER_DIR
 from iaif.training.lora import adapter_hash
 
-ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer_state.pt"
 META_FILE = "checkpoint.json"
 CHECKPOINT_PREFIX = "checkpoint-epoch"
@@ -118,9 +120,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a warm-up checkpoint of a PeftModel and its optimizer; atomic (temp folder, rename)."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_temps(directory.parent, directory.name)
+    tmp = temp_path(directory)
     tmp.mkdir(parents=True)
     opt_state = optimizer_state_by_name(model, optimizer)
     model.save_pretrained(str(tmp / ADAPTER_DIR))
@@ -202,7 +203,7 @@ def _check(directory: Path, meta: Any, opt_state: Any) -> None:
     meta_file, opt_file = directory / META_FILE, directory / OPTIMIZER_FILE
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_file}: expected a JSON object")
-    fields = {"epoch": int, "num_epochs": int, "global_step": int, "mean_lr": (int, float),
+    fields: dict[str, type | tuple[type, ...]] = {"epoch": int, "num_epochs": int, "global_step": int, "mean_lr": (int, float),
               "lr_weight": (int, float), "base_model": str, "adapter_hash": str}
     for key, kind in fields.items():
         if key not in meta:
@@ -232,23 +233,32 @@ def _check(directory: Path, meta: Any, opt_state: Any) -> None:
 
     with safe_open(str(directory / ADAPTER_DIR / "adapter_model.safetensors"), framework="pt") as fh:
         adapter_shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    by_key = {adapter_key(name): name for name in state}
-    missing = sorted(set(adapter_shapes) - set(by_key))
-    unexpected = sorted(set(by_key) - set(adapter_shapes))
+    problem = adam_state_mismatch(state, adapter_shapes, key=adapter_key)
+    if problem:
+        raise CheckpointError(f"{opt_file}: {problem}")
+
+
+def adam_state_mismatch(state: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                        key: Callable[[str], str] = str) -> str | None:
+    """Why an Adam state ``{param name: {"exp_avg", "exp_avg_sq", "step"}}`` does not fit the adapter
+    weights ``shapes`` (keyed by ``key(param name)``), or None: the same parameters, a positive int
+    step and both moments of the weight's shape."""
+    by_key = {key(name): name for name in state}
+    missing = sorted(set(shapes) - set(by_key))
+    unexpected = sorted(set(by_key) - set(shapes))
     if missing or unexpected:
-        raise CheckpointError(
-            f"{opt_file}: optimizer state does not match the adapter: "
-            f"{len(missing)} adapter parameters without state (e.g. {missing[:2]}), "
-            f"{len(unexpected)} state entries not in the adapter (e.g. {[by_key[k] for k in unexpected[:2]]})"
-        )
-    for key, name in by_key.items():
+        return (f"optimizer state does not match the adapter: {len(missing)} adapter parameters without state "
+                f"(e.g. {missing[:2]}), {len(unexpected)} state entries not in the adapter "
+                f"(e.g. {[by_key[k] for k in unexpected[:2]]})")
+    for k, name in by_key.items():
         entry = state[name]
-        if not isinstance(entry, dict) or not {"exp_avg", "exp_avg_sq", "step"} <= set(entry):
-            raise CheckpointError(f"{opt_file}: state of '{name}' needs exp_avg, exp_avg_sq and step")
+        if not isinstance(entry, Mapping) or not {"exp_avg", "exp_avg_sq", "step"} <= set(entry):
+            return f"optimizer state of '{name}' needs exp_avg, exp_avg_sq and step"
         if not isinstance(entry["step"], int) or entry["step"] < 1:
-            raise CheckpointError(f"{opt_file}: '{name}' step must be a positive int, got {entry['step']!r}")
+            return f"optimizer state of '{name}': step must be a positive int, got {entry['step']!r}"
         for moment in ("exp_avg", "exp_avg_sq"):
             tensor = entry[moment]
-            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != adapter_shapes[key]:
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(shapes[k]):
                 shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise CheckpointError(f"{opt_file}: '{name}' {moment} has shape {shape}, adapter weight {adapter_shapes[key]}")
+                return f"optimizer state of '{name}': {moment} has shape {shape}, adapter weight {tuple(shapes[k])}"
+    return None

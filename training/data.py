@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -174,17 +174,6 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(rec, dict):
             raise DataError(str(path), lineno, None, f"expected a JSON object, got {type(rec).__name__}")
         yield lineno, rec
-
-
-def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    """Write records as JSONL atomically (a temporary file renamed into place); creates parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def iter_records(cfg: DataConfig) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -371,12 +360,6 @@ def load_examples(cfg: DataConfig | str) -> list[Example]:
     return examples
 
 
-def duplicate_ids(examples: Iterable[Example]) -> dict[str, int]:
-    """Ids (before disambiguation) that occur more than once, with their counts."""
-    counts = Counter(e.id.split("~")[0] for e in examples)
-    return {k: v for k, v in counts.items() if v > 1}
-
-
 # --------------------------------------------------------------------------------------------
 # Rendering and tokenisation with the loss mask
 # --------------------------------------------------------------------------------------------
@@ -456,8 +439,8 @@ def _render_chat(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int,
 def tokenize_example(example: Example, tokenizer: Any, template: Template, max_length: int) -> TokenizedExample:
     """Token ids and labels (IGNORE_INDEX outside assistant spans), truncated on the right."""
     text, spans = render(example, tokenizer, template)
-    bos = getattr(tokenizer, "bos_token", None)
-    has_bos = bool(bos) and text.startswith(bos)  # chat templates that write the BOS themselves
+    bos: str | None = getattr(tokenizer, "bos_token", None)
+    has_bos = bos is not None and bos != "" and text.startswith(bos)  # chat templates that write the BOS themselves
     enc = tokenizer(text, add_special_tokens=not has_bos, return_offsets_mapping=True, truncation=False)
     ids: list[int] = list(enc["input_ids"])[:max_length]
     offsets = list(enc["offset_mapping"])[:max_length]

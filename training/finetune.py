@@ -18,21 +18,22 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
 
+from iaif.common.contracts import ADAPTER_DIR
+from iaif.common.dist import is_main_process, process_state
 from iaif.common.progress import on_terminal
 from iaif.common.provenance import CONFIG_FILE, config_to_dict, write_run_info
 from iaif.training.collate import PaddingCollator, TokenizedDataset
-from iaif.training.data import DataConfig, Example, Exclusion, TokenizedExample, load_examples, tokenize_examples
+from iaif.training.data import DataConfig, Example, Exclusion, Template, TokenizedExample, load_examples, tokenize_examples
 from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_base_model, load_tokenizer, resolve_precision
 
 logger = logging.getLogger(__name__)
 
 TRAINER_DIR = "trainer"
-ADAPTER_DIR = "adapter"
 SUMMARY_FILE = "train_summary.json"
 
 
@@ -68,7 +69,7 @@ class TrainingSettings:
     """Seed of the LoRA initialisation, data order and dropout."""
     max_length: int = 2048
     """Token limit per example (longer ones are truncated on the right; examples left without answer tokens are excluded)."""
-    template: Literal["tulu", "chat"] = "tulu"
+    template: Template = "tulu"
     """Rendering: Tulu-v2 `<|user|>`/`<|assistant|>` markers, or the tokenizer's chat template."""
     logging_steps: int = 1
     """Log loss and learning rate every N optimizer steps."""
@@ -183,10 +184,8 @@ def prepare_output(output_dir: str | Path, config: Any, stage: str, resume: bool
 
     Resuming needs the same settings as the interrupted run (``resume`` and ``output_dir`` aside); starting
     fresh needs a folder without checkpoints. Writes config.yaml/run_info.json (main process)."""
-    from accelerate import PartialState
-
     out = Path(output_dir)
-    state = PartialState()
+    state = process_state()
     with state.main_process_first():  # the main process writes config.yaml before the others read it
         checkpoint = last_trainer_checkpoint(out / TRAINER_DIR)
         if checkpoint is not None:
@@ -273,7 +272,7 @@ def run_train(cfg: TrainConfig) -> Path:
     if trainer.is_fsdp_enabled:  # gather the sharded adapter into one file for save_pretrained
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out / ADAPTER_DIR))
-    if trainer.is_world_process_zero():
+    if is_main_process():
         write_summary(trainer, out, len(examples), excluded)
         logger.info("adapter written to %s", out / ADAPTER_DIR)
     return out

@@ -21,10 +21,12 @@ from typing import Any, Literal
 
 import torch
 
+from iaif.common.contracts import ADAPTER_CONFIG_FILE
+
 logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "4bit"]
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, "adapter_model.safetensors")
 
 
 @dataclass
@@ -183,11 +185,6 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings) -> Any:
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d alpha=%d on %s: %d trainable parameters", lora.r, lora.alpha, lora.target_modules, trainable)
     return peft_model
-
-
-def load_lora_model(cfg: ModelConfig, lora: LoraSettings) -> tuple[Any, Any]:
-    """(PeftModel with a fresh trainable LoRA adapter, tokenizer)."""
-    return add_lora(load_base_model(cfg), lora), load_tokenizer(cfg)
 
 
 def load_adapter(cfg: ModelConfig, adapter_dir: str | Path, trainable: bool = False) -> Any:

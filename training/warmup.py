@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from iaif.common.dist import is_main_process
 from iaif.training.checkpoint import checkpoint_dir, save_checkpoint
 from iaif.training.data import Example, load_examples
 from iaif.training.finetune import TrainConfig, train_adapter, write_summary
@@ -121,11 +122,11 @@ def run_warmup(cfg: WarmupConfig) -> Path:
     pool = load_examples(cfg.data)
     chosen = sample_fraction(pool, cfg.fraction, cfg.sample_seed)
     logger.info("warm-up on %d of %d pool examples (fraction %.3g, seed %d)", len(chosen), len(pool), cfg.fraction, cfg.sample_seed)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / SAMPLE_FILE).write_text(json.dumps([e.id for e in chosen], indent=1), encoding="utf-8")
     callback = EpochCheckpointCallback(out, cfg.model.name_or_path)
     trainer, excluded = train_adapter(cfg, chosen, "warmup", callbacks=[callback])
-    if trainer.is_world_process_zero():
+    if is_main_process():
         write_summary(trainer, out, len(chosen), excluded, pool_examples=len(pool), epoch_mean_lrs=callback.epoch_means)
     return out

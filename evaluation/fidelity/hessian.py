@@ -23,10 +23,10 @@ from scipy.sparse.linalg import LinearOperator, cg
 from torch.func import vmap
 
 from iaif.evaluation.fidelity.objective import Problem, hvp_of
+from iaif.selection.estimators import Hvp
 
 logger = logging.getLogger(__name__)
 
-Hvp = Callable[[torch.Tensor], torch.Tensor]
 Method = Literal["auto", "exact", "cg"]
 
 

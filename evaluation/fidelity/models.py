@@ -103,8 +103,9 @@ class FlatModel:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             for layer in self.module.modules():
-                if layer is not self.module and hasattr(layer, "reset_parameters"):
-                    layer.reset_parameters()
+                reset = getattr(layer, "reset_parameters", None)
+                if layer is not self.module and callable(reset):
+                    reset()
         return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).clone()
 
     def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

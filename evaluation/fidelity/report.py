@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
 
+from iaif.common.atomic import write_json  # noqa: E402
 from iaif.evaluation.fidelity.estimate import ESTIMATORS  # noqa: E402
 
 SUBSETS = ("random", "coherent", "all")
@@ -107,9 +108,10 @@ def scatter_plot(res: PairResult, path: Path) -> Path:
 
 def write_results(results: list[PairResult], convex: dict[str, bool], out_dir: Path) -> dict:
     """``results.json`` (per pair: groups, actual, estimates, correlations, target checks, info)."""
-    payload = {"estimators": list(ESTIMATORS), "pairs": {}}
+    pairs: dict[str, Any] = {}
+    payload = {"estimators": list(ESTIMATORS), "pairs": pairs}
     for res in results:
-        payload["pairs"][res.name] = {
+        pairs[res.name] = {
             "description": res.description,
             "correlations": res.correlations(),
             "targets": target_checks(res, convex[res.name]),
@@ -117,15 +119,13 @@ def write_results(results: list[PairResult], convex: dict[str, bool], out_dir: P
             "groups": [{"kind": k, "size": int(s), "actual": float(a), **{e: float(v) for e, v in zip(ESTIMATORS, row)}}
                        for k, s, a, row in zip(res.kinds, res.sizes, res.actual, res.estimates)],
         }
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1, default=_jsonable))
-    tmp.replace(out_dir / "results.json")
+    write_json(out_dir / "results.json", payload, indent=1, default=_jsonable)
     return payload
 
 
 def _jsonable(obj: object) -> object:
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)  # type: ignore[arg-type]
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
     return str(obj)

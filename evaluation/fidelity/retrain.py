@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iaif.common.atomic import write_json
 from iaif.common.progress import progress_iter
 from iaif.evaluation.fidelity.objective import Problem
 
@@ -57,6 +57,8 @@ def fit(problem: Problem, theta0: torch.Tensor, settings: FitSettings, weights: 
 
     opt.step(closure)
     closure()
+    if theta.grad is None:
+        raise RuntimeError("L-BFGS left no gradient on the parameters")
     gmax = float(theta.grad.abs().max())
     if gmax > 100 * settings.tol_grad:
         logger.warning("L-BFGS stopped with max |grad| %.2e (tolerance %.1e); raise fit.max_iter", gmax, settings.tol_grad)
@@ -79,9 +81,7 @@ class RetrainCache:
 
     def put(self, key: str, value: float) -> None:
         self.values[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.values))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.values)
 
     def full_model(self, problem: Problem, theta0: torch.Tensor, settings: FitSettings) -> torch.Tensor:
         """θ* from the cache, else trained from θ₀ and stored."""

@@ -62,18 +62,18 @@ def markdown_tables(agg: dict[tuple, dict[str, float]]) -> str:
     for setting in _settings(agg):
         budgets = _budgets(agg, setting)
         methods = [m for m in _methods(agg, setting) if m not in REFERENCES]
-        ref = {m: agg.get((*setting, m, b)) for m, b in (("base", 0.0), ("all-pool", 1.0))}
+        ref = {m: agg.get(setting + (m, b)) for m, b in (("base", 0.0), ("all-pool", 1.0))}
         head = f"**{setting[0]} / {setting[1]} / {setting[2]} target**"
         extra = ", ".join(f"{m} {v['loss_mean']:.4f} ({100 * v['acc_mean']:.1f}%)" for m, v in ref.items() if v)
-        ks = [agg[(*setting, methods[0], b)]["k"] for b in budgets]
+        ks = [agg[(setting + (methods[0], b))]["k"] for b in budgets]
         lines = [f"{head} (test loss, mean ± std over seeds, accuracy in brackets; {extra})", "",
                  "| method | " + " | ".join(f"{100 * b:g}% (k={k})" for b, k in zip(budgets, ks)) + " |",
                  "|---|" + "---|" * len(budgets)]
-        best = {b: min(agg[(*setting, m, b)]["loss_mean"] for m in methods) for b in budgets}
+        best = {b: min(agg[(setting + (m, b))]["loss_mean"] for m in methods) for b in budgets}
         for m in methods:
             cells = []
             for b in budgets:
-                v = agg[(*setting, m, b)]
+                v = agg[(setting + (m, b))]
                 cell = f"{v['loss_mean']:.4f} ± {v['loss_std']:.4f} ({100 * v['acc_mean']:.1f}%)"
                 cells.append(f"**{cell}**" if v["loss_mean"] == best[b] else cell)
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -89,10 +89,10 @@ def goal_check(agg: dict[tuple, dict[str, float]]) -> dict[str, Any]:
         cells = []
         for setting in _settings(agg):
             for b in _budgets(agg, setting):
-                if b < GOAL_MIN_BUDGET or (*setting, method, b) not in agg:
+                if b < GOAL_MIN_BUDGET or (setting + (method, b)) not in agg:
                     continue
-                mine = agg[(*setting, method, b)]["loss_mean"]
-                rivals = {r: agg[(*setting, r, b)]["loss_mean"] for r in ("first-order", "random") if (*setting, r, b) in agg}
+                mine = agg[(setting + (method, b))]["loss_mean"]
+                rivals = {r: agg[(setting + (r, b))]["loss_mean"] for r in ("first-order", "random") if (setting + (r, b)) in agg}
                 cells.append({"dataset": setting[0], "model": setting[1], "target": setting[2], "budget": b,
                               "loss": mine, **{f"{r}_loss": v for r, v in rivals.items()},
                               "met": all(mine < v for v in rivals.values())})
@@ -109,13 +109,13 @@ def plot(agg: dict[tuple, dict[str, float]], setting: tuple[str, str, str], path
     for m in _methods(agg, setting):
         if m in REFERENCES:
             continue
-        mean = [agg[(*setting, m, b)]["loss_mean"] for b in budgets]
-        std = [agg[(*setting, m, b)]["loss_std"] for b in budgets]
+        mean = [agg[(setting + (m, b))]["loss_mean"] for b in budgets]
+        std = [agg[(setting + (m, b))]["loss_std"] for b in budgets]
         ax.errorbar([100 * b for b in budgets], mean, yerr=std, marker="o", capsize=3, label=m)
     for m, b, style in (("base", 0.0, ":"), ("all-pool", 1.0, "--")):
-        if (*setting, m, b) in agg:
+        if (setting + (m, b)) in agg:
             label = "base (seed set only)" if m == "base" else "all pool"
-            ax.axhline(agg[(*setting, m, b)]["loss_mean"], color="grey", linestyle=style, label=label)
+            ax.axhline(agg[(setting + (m, b))]["loss_mean"], color="grey", linestyle=style, label=label)
     ax.set_xscale("log")
     ax.set_xticks([100 * b for b in budgets], [f"{100 * b:g}" for b in budgets])
     ax.set_xlabel("budget (% of the pool)")
@@ -143,7 +143,7 @@ def diagnostics_table(agg: dict[tuple, dict[str, float]]) -> str:
         for m in _methods(agg, setting):
             if m in REFERENCES:
                 continue
-            cells = [f"{agg[(*setting, m, b)][f + '_mean']:.2f}" if f + "_mean" in agg[(*setting, m, b)] else "–"
+            cells = [f"{agg[(setting + (m, b))][f + '_mean']:.2f}" if f + "_mean" in agg[(setting + (m, b))] else "–"
                      for f, _ in fields for b in ends]
             lines.append(f"| {'/'.join(setting)} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

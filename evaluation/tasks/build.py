@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
+from iaif.common.atomic import write_jsonl
 from iaif.evaluation.tasks.likelihood import ANSWER_NLL, answer_nll_subtask
 from iaif.evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
-from iaif.training.data import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,9 @@ def _build_one(out: Path, name: str, lm_name: str, subtasks: list[Subtask], temp
         shots = _write_task_yaml(folder, lm_name, template, subtasks[0], num_fewshot)
         return TaskEntry(name, lm_name, metric, shots, num_examples=len(subtasks[0].records))
     names = [f"{lm_name}_{s.name}" for s in subtasks]
-    shots = {_write_task_yaml(folder, t, template, s, num_fewshot) for t, s in zip(names, subtasks)}
+    all_shots = {_write_task_yaml(folder, t, template, s, num_fewshot) for t, s in zip(names, subtasks)}
     _write_group(folder, lm_name, names, metric, weight_by_size)
-    return TaskEntry(name, lm_name, metric, shots.pop(), names, sum(len(s.records) for s in subtasks))
+    return TaskEntry(name, lm_name, metric, all_shots.pop(), names, sum(len(s.records) for s in subtasks))
 
 
 def build_tasks(

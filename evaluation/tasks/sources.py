@@ -293,7 +293,8 @@ def read_demo_target(task_dir: Path, split: str = "test") -> list[Subtask]:
 
     The prompt is the single user turn; a system turn becomes the task description."""
     path = _require_dir(task_dir / f"{split}.jsonl")
-    records, systems = [], set()
+    records: list[Record] = []
+    systems: set[str] = set()
     for i, r in _read_jsonl(path):
         messages = _need(r, "messages", path, i)
         users = [m.get("content", "") for m in messages if m.get("role") == "user"]

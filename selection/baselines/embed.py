@@ -7,6 +7,7 @@ name is a local folder; a Hub name needs the model in the local cache when offli
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,9 +26,10 @@ def load_embedder(name: str, device: str = "cpu", max_length: int = 512):
     from sentence_transformers import SentenceTransformer
 
     try:
-        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+        modules = importlib.import_module("sentence_transformers.sentence_transformer.modules")
     except ImportError:  # sentence-transformers < 6
-        from sentence_transformers.models import Pooling, Transformer
+        modules = importlib.import_module("sentence_transformers.models")
+    Pooling, Transformer = modules.Pooling, modules.Transformer
 
     folder = Path(name)
     if folder.is_dir() and not (folder / "modules.json").is_file():

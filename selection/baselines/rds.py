@@ -34,7 +34,8 @@ def rds_embeddings(examples: Sequence[Example], model_path: str, template: Templ
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    torch.nn.Module.to(model, device)  # transformers' decorator on PreTrainedModel.to hides its signature from type checkers
     texts = [render(ex, tokenizer, template)[0] for ex in examples]
     lengths = [len(t) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # similar lengths share a batch

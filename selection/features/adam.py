@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from iaif.training.checkpoint import adam_state_mismatch
+
 
 class OptimizerStateError(ValueError):
     """The optimizer state does not match the adapter's LoRA parameters."""
@@ -38,24 +40,13 @@ class AdamPreconditioner:
             raise OptimizerStateError(f"betas must be two numbers in [0, 1), got {list(betas)}")
         if not eps > 0:
             raise OptimizerStateError(f"eps must be positive, got {eps}")
-        missing = sorted(set(shapes) - set(state))
-        extra = sorted(set(state) - set(shapes))
-        if missing or extra:
-            raise OptimizerStateError(
-                f"optimizer state does not match the adapter: {len(missing)} LoRA parameters without state "
-                f"(e.g. {missing[:3]}), {len(extra)} state entries for unknown parameters (e.g. {extra[:3]})"
-            )
+        problem = adam_state_mismatch(state, shapes)
+        if problem:
+            raise OptimizerStateError(problem)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, shape in shapes.items():
+        for name in shapes:
             entry = state[name]
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key not in entry:
-                    raise OptimizerStateError(f"optimizer state of {name}: '{key}' missing")
-                if tuple(entry[key].shape) != tuple(shape):
-                    raise OptimizerStateError(
-                        f"optimizer state of {name}: {key} has shape {tuple(entry[key].shape)}, parameter has {tuple(shape)}"
-                    )
             if bool((entry["exp_avg_sq"] < 0).any()):
                 raise OptimizerStateError(f"optimizer state of {name}: exp_avg_sq has negative entries")
             self._moments[name] = (entry["exp_avg"].float(), entry["exp_avg_sq"].float())

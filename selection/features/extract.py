@@ -30,18 +30,20 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
+from iaif.common.atomic import write_json
+from iaif.common.dist import process_state
 from iaif.common.progress import progress
 from iaif.selection.features.adam import AdamPreconditioner
 from iaif.selection.features.batching import group_shards, token_budget_batches
 from iaif.selection.features.fingerprint import EXCLUDED_FILE, dataset_fingerprint, write_digests
 from iaif.selection.features.per_example_grads import LoraGradientHooks, LoraMatrix, Relabel, backward_per_example, find_lora_matrices
 from iaif.selection.features.projection import DenseProjector, KroneckerProjector, ProjectionKind
-from iaif.selection.features.store import META_FILE, ShardWriter, StoreMismatchError, require_match
+from iaif.selection.features.store import META_FILE, ShardWriter, StoreMeta, StoreMismatchError, require_match
 from iaif.training.collate import PaddingCollator
 from iaif.training.data import (
     IGNORE_INDEX,
@@ -49,10 +51,14 @@ from iaif.training.data import (
     TULU_SYSTEM,
     TULU_USER,
     DataConfig,
+    Template,
     load_examples,
     tokenize_examples,
 )
 from iaif.training.lora import LoraSettings, ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +80,7 @@ class ExtractConfig:
     """LoRA settings of the fresh adapter used when no checkpoint is given."""
     data: DataConfig = field(default_factory=DataConfig)
     """The pool or target examples."""
-    template: Literal["tulu", "chat"] = "tulu"
+    template: Template = "tulu"
     """Prompt format: Tulu-v2 markers or the tokenizer's chat template."""
     max_length: int = 2048
     """Truncate examples to this many tokens (examples left without answer tokens are excluded and reported)."""
@@ -111,7 +117,7 @@ class LoraFeaturizer:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         feature: FeatureKind,
         projection: ProjectionKind,
         dim: int,
@@ -164,7 +170,10 @@ class LoraFeaturizer:
         if wrong:
             raise RuntimeError(f"LoRA matrices {wrong[:3]} did not receive exactly one gradient in the backward pass "
                                "(gradient checkpointing and LoRA layers bypassed in forward are not supported)")
-        return hooks.features if fast else total["sum"]
+        features = hooks.features if fast else total.get("sum")
+        if features is None:
+            raise RuntimeError("the backward pass produced no LoRA gradient")
+        return features
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,7 +235,7 @@ def _load_model(cfg: ExtractConfig, device: torch.device) -> tuple[Any, dict[str
             raise ValueError("feature=adam needs a warm-up checkpoint (checkpoint: ...checkpoint-epochE)")
         torch.manual_seed(cfg.seed)
         model = add_lora(load_base_model(cfg.model), cfg.lora)
-        info = {"checkpoint": None, "adapter_hash": "fresh-" + model_adapter_hash(model), "lr_weight": None}
+        info: dict[str, Any] = {"checkpoint": None, "adapter_hash": "fresh-" + model_adapter_hash(model), "lr_weight": None}
     elif (Path(cfg.checkpoint) / CHECKPOINT_META).is_file():
         ckpt = load_checkpoint(cfg.checkpoint)
         if ckpt.base_model != cfg.model.name_or_path:
@@ -262,9 +271,6 @@ def _check_rows(features: torch.Tensor, ids: list[str], store_dtype: str) -> Non
 
 def run_extract(cfg: ExtractConfig) -> Path:
     """Compute the store (or finish a killed run of it) and return its folder."""
-    from accelerate import PartialState
-
-    from iaif.common.atomic import atomic_write_text
     from iaif.common.provenance import package_version, write_run_info
     from iaif.training.lora import load_tokenizer
 
@@ -277,7 +283,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
     if cfg.sampled_labels and cfg.feature != "grad":
         raise ValueError(f"sampled_labels: {cfg.sampled_labels} needs feature=grad (sampled-label target gradients), "
                          f"got feature={cfg.feature}")
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state(cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
     examples, excluded = tokenize_examples(load_examples(cfg.data), tokenizer, cfg.template, cfg.max_length)
@@ -289,20 +295,20 @@ def run_extract(cfg: ExtractConfig) -> Path:
     model, ckpt_info, adam = _load_model(cfg, state.device)
     featurizer = LoraFeaturizer(model, cfg.feature, cfg.projection, cfg.dim, cfg.seed, adam)
     dtype = "float16" if cfg.store_dtype == "fp16" else "float32"
-    meta = {
-        "model": cfg.model.name_or_path, "model_revision": cfg.model.revision, "precision": cfg.model.precision,
+    meta = StoreMeta(
+        model=cfg.model.name_or_path, model_revision=cfg.model.revision, precision=cfg.model.precision,
         **ckpt_info,
-        "feature": cfg.feature, "projection": cfg.projection, "projection_seed": cfg.seed, "dim": cfg.dim,
-        "projection_version": PROJECTION_VERSION, "dtype": dtype,
-        "dataset": cfg.data.path, "dataset_fingerprint": dataset_fingerprint(examples), "num_examples": len(examples),
-        "num_excluded": len(excluded), "template": cfg.template, "template_hash": template_hash(cfg.template, tokenizer),
-        "max_length": cfg.max_length, "lora_parameters": featurizer.num_parameters, "normalised": False,
-        "sampled_labels": cfg.sampled_labels, "sample_seed": cfg.sample_seed if cfg.sampled_labels else None,
-        "tool_version": package_version(),
-    }
+        feature=cfg.feature, projection=cfg.projection, projection_seed=cfg.seed, dim=cfg.dim,
+        projection_version=PROJECTION_VERSION, dtype=dtype,
+        dataset=cfg.data.path, dataset_fingerprint=dataset_fingerprint(examples), num_examples=len(examples),
+        num_excluded=len(excluded), template=cfg.template, template_hash=template_hash(cfg.template, tokenizer),
+        max_length=cfg.max_length, lora_parameters=featurizer.num_parameters, normalised=False,
+        sampled_labels=cfg.sampled_labels, sample_seed=cfg.sample_seed if cfg.sampled_labels else None,
+        tool_version=package_version(),
+    )
     if (out_dir / META_FILE).is_file():
-        done = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
-        require_match(done, meta, [k for k in meta if k != "tool_version"],
+        done, wanted = StoreMeta.read(out_dir / META_FILE).to_dict(), meta.to_dict()
+        require_match(done, wanted, [k for k in wanted if k != "tool_version"],
                       f"{out_dir} already holds a finished store of other settings")
         logger.info("%s: store already complete", out_dir)
         return out_dir
@@ -311,9 +317,9 @@ def run_extract(cfg: ExtractConfig) -> Path:
                         cfg.shard_examples)
     writer = ShardWriter(out_dir)
     if state.is_main_process:
-        writer.claim({**meta, "token_budget": cfg.token_budget, "max_batch_size": cfg.max_batch_size,
+        writer.claim({**meta.to_dict(), "token_budget": cfg.token_budget, "max_batch_size": cfg.max_batch_size,
                       "shard_examples": cfg.shard_examples})
-        atomic_write_text(out_dir / EXCLUDED_FILE, json.dumps([vars(e) for e in excluded], indent=2))
+        write_json(out_dir / EXCLUDED_FILE, [vars(e) for e in excluded], indent=2)
         write_digests(out_dir, examples)
     state.wait_for_everyone()
 

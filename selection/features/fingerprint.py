@@ -51,14 +51,14 @@ def dataset_fingerprint(examples: Iterable[TokenizedExample]) -> str:
 
 def write_digests(out_dir: str | Path, examples: Sequence[TokenizedExample]) -> None:
     """``digests.json`` of a store being written (extract)."""
-    from iaif.common.atomic import atomic_write_text
+    from iaif.common.atomic import write_text
 
-    atomic_write_text(Path(out_dir) / DIGESTS_FILE, json.dumps([[ex.id, example_digest(ex)] for ex in examples]))
+    write_text(Path(out_dir) / DIGESTS_FILE, json.dumps([[ex.id, example_digest(ex)] for ex in examples]))
 
 
 def store_example_ids(store: FeatureStore) -> list[str]:
     """Ids of the examples a store was made from (rows ``<id>#<r>`` of sampled-label stores folded)."""
-    if store.meta.get("sampled_labels"):
+    if store.meta.sampled_labels:
         return list(dict.fromkeys(row.rsplit("#", 1)[0] for row in store.ids))
     return list(store.ids)
 
@@ -92,11 +92,7 @@ def check_stores(paths: Sequence[str | Path], examples: Sequence[Example]) -> li
         if not read:
             continue
         files = ", ".join(dict.fromkeys(ex.source for ex in read))
-        lacking = [key for key in ("model", "template", "max_length", "dataset_fingerprint") if meta.get(key) is None]
-        if lacking:
-            raise StoreMismatchError(f"{store.path}: meta.json lacks {lacking}, so it cannot be checked against {files}; "
-                                     "re-run extract")
-        key = (meta["model"], meta.get("model_revision"), meta["template"], int(meta["max_length"]))
+        key = (meta.model, meta.model_revision, meta.template, meta.max_length)
         cache = tokenised.setdefault(key, {})
         todo = [ex for ex in read if ex.id not in cache]
         if todo:
@@ -109,15 +105,15 @@ def check_stores(paths: Sequence[str | Path], examples: Sequence[Example]) -> li
 
 def _tokenizer(store: FeatureStore, files: str) -> Any:
     try:
-        return _load_tokenizer(str(store.meta["model"]), store.meta.get("model_revision"))
+        return _load_tokenizer(store.meta.model, store.meta.model_revision)
     except OSError as err:
-        raise StoreMismatchError(f"{store.path}: cannot load its tokenizer {store.meta['model']!r} to check it against "
+        raise StoreMismatchError(f"{store.path}: cannot load its tokenizer {store.meta.model!r} to check it against "
                                  f"{files} ({str(err).splitlines()[0]})") from None
 
 
 def _compare(store: FeatureStore, read: Sequence[Example], tokens: Sequence[TokenizedExample], files: str) -> None:
     meta = store.meta
-    how = f"under the store's tokenizer {meta['model']}, template {meta['template']}, max_length {meta['max_length']}"
+    how = f"under the store's tokenizer {meta.model}, template {meta.template}, max_length {meta.max_length}"
     digests_file = store.path / DIGESTS_FILE
     if digests_file.is_file():
         recorded = dict(json.loads(digests_file.read_text(encoding="utf-8")))
@@ -127,7 +123,7 @@ def _compare(store: FeatureStore, read: Sequence[Example], tokens: Sequence[Toke
                     f"{store.path} does not match {ex.source}: example '{ex.id}' (line {ex.line}) differs from the one its "
                     f"features were computed from ({how}); re-run extract on {ex.source}")
         return
-    if dataset_fingerprint(tokens) != meta["dataset_fingerprint"]:
+    if dataset_fingerprint(tokens) != meta.dataset_fingerprint:
         first = next((a for a, b in zip([t.id for t in tokens], store_example_ids(store)) if a != b), None)
         which = f"first differing id '{first}'" if first else "an example's content differs (store without digests.json)"
         raise StoreMismatchError(f"{store.path} does not match {files}: dataset fingerprint differs, {which} ({how}); "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from torch import nn
 
 from iaif.selection.features.projection import KroneckerProjector
 from iaif.training.data import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ class LoraGradientHooks:
             raise ValueError("factorised mode needs projectors")
         if mode == "full" and sink is None:
             raise ValueError("full mode needs a sink")
-        self.matrices, self.mode, self.projectors, self.sink = matrices, mode, projectors, sink
+        self.matrices, self.mode, self.sink = matrices, mode, sink
+        self.projectors: dict[str, KroneckerProjector] = projectors or {}
         self.features: torch.Tensor | None = None
         self.calls: dict[str, int] = {}
         """How many gradients each matrix received (exactly one per backward when all is well)."""
@@ -131,7 +135,7 @@ class LoraGradientHooks:
             p_out, _ = self.projectors[matrix.name].matrices(delta.device)
             part = torch.einsum("bto,bti->boi", delta @ p_out.T, x).flatten(1)
             self.features = part if self.features is None else self.features + part
-        else:
+        elif self.sink is not None:
             self.sink(matrix, torch.einsum("bto,bti->boi", delta, x.float()))
 
 
@@ -139,7 +143,7 @@ Relabel = Callable[[torch.Tensor], torch.Tensor]
 """Maps the detached ``[B, T, V]`` logits of a batch to the ``[B, T]`` labels its loss uses."""
 
 
-def backward_per_example(model: nn.Module, batch: dict[str, torch.Tensor], relabel: Relabel | None = None) -> torch.Tensor:
+def backward_per_example(model: PreTrainedModel, batch: dict[str, torch.Tensor], relabel: Relabel | None = None) -> torch.Tensor:
     """Forward ``batch`` (input_ids, attention_mask, labels) and backpropagate ``Σ_b loss_b`` to the
     input embeddings, which fires the hooks of a ``LoraGradientHooks`` context. Returns the ``[B]`` losses.
 

@@ -2,25 +2,25 @@
 ``meta.json`` (what made it). While a job runs, each process writes finished shards to
 ``.shards/shard-XXXXX.npz`` (atomic rename); a killed job resumes from them and the finished store
 is assembled from the shards in dataset order. ``meta.json`` is written last: a folder without it
-is not a store."""
+is not a store. Its schema is :class:`StoreMeta`, written and read here only."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from iaif.common.atomic import atomic_write_text, remove_stale_temps, temp_path
+from iaif.common.atomic import atomic_path, remove_stale_temps, write_json
+from iaif.common.contracts import STORE_META_FILE as META_FILE
+from iaif.training.data import Template
 
 FEATURES_FILE = "features.npy"
 IDS_FILE = "ids.json"
-META_FILE = "meta.json"
 SHARD_DIR = ".shards"
 JOB_FILE = "job.json"
 
@@ -44,6 +44,66 @@ def require_match(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str
         raise StoreMismatchError(f"{what}: " + "; ".join(diffs))
 
 
+@dataclass(frozen=True)
+class StoreMeta:
+    """What made a store (``meta.json``): model, checkpoint, feature kind, projection, dataset, template."""
+
+    model: str
+    model_revision: str
+    precision: str
+    checkpoint: str | None
+    """The warm-up checkpoint or adapter folder; None for a fresh (untrained) LoRA."""
+    adapter_hash: str
+    lr_weight: float | None
+    """The checkpoint's learning-rate weight (None without a warm-up checkpoint)."""
+    feature: str
+    projection: str
+    projection_seed: int
+    dim: int
+    projection_version: int
+    dtype: str
+    dataset: str
+    dataset_fingerprint: str
+    num_examples: int
+    num_excluded: int
+    template: Template
+    template_hash: str
+    max_length: int
+    lora_parameters: int
+    normalised: bool
+    sampled_labels: int
+    sample_seed: int | None
+    tool_version: str
+    epoch: int | None = None
+    """Warm-up epoch of the checkpoint; like ``mean_lr``, only in stores of warm-up checkpoints."""
+    mean_lr: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``meta.json`` content (``epoch``/``mean_lr`` left out when None)."""
+        data = asdict(self)
+        return {k: v for k, v in data.items() if not (k in _CHECKPOINT_ONLY and v is None)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], origin: str) -> StoreMeta:
+        """From ``meta.json`` content; unknown or missing keys are an error naming ``origin``."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(names - set(data) - _CHECKPOINT_ONLY)
+        if unknown or missing:
+            raise StoreMismatchError(f"{origin}: not a store of this version: "
+                                     + "; ".join(([f"unknown keys {unknown}"] if unknown else [])
+                                                 + ([f"missing keys {missing}"] if missing else [])))
+        return cls(**data)
+
+    @classmethod
+    def read(cls, path: str | Path) -> StoreMeta:
+        """Read a ``meta.json`` file."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
+
+
+_CHECKPOINT_ONLY = frozenset({"epoch", "mean_lr"})
+
+
 @dataclass
 class FeatureStore:
     """An opened store: ``features`` is a read-only memory map [N, d]."""
@@ -51,7 +111,7 @@ class FeatureStore:
     path: Path
     features: np.ndarray
     ids: list[str]
-    meta: dict[str, Any]
+    meta: StoreMeta
 
     @classmethod
     def open(cls, path: str | Path, expect: Mapping[str, Any] | None = None) -> FeatureStore:
@@ -63,23 +123,23 @@ class FeatureStore:
                 f"{path}: not a finished feature store ({META_FILE} missing"
                 + ("; an unfinished extract job is there, rerun it to resume" if partial else "") + ")"
             )
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        meta = StoreMeta.read(path / META_FILE)
         ids = json.loads((path / IDS_FILE).read_text(encoding="utf-8"))
         features = np.load(path / FEATURES_FILE, mmap_mode="r")
-        if features.shape != (len(ids), meta["dim"]) or str(features.dtype) != meta["dtype"]:
+        if features.shape != (len(ids), meta.dim) or str(features.dtype) != meta.dtype:
             raise StoreMismatchError(
                 f"{path}: {FEATURES_FILE} is {features.dtype}{list(features.shape)}, "
-                f"meta says {meta['dtype']}[{len(ids)}, {meta['dim']}]"
+                f"meta says {meta.dtype}[{len(ids)}, {meta.dim}]"
             )
         if expect:
-            require_match(meta, expect, list(expect), f"{path}")
+            require_match(meta.to_dict(), expect, list(expect), f"{path}")
         return cls(path, features, ids, meta)
 
     def check_compatible(self, other: FeatureStore, same_dataset: bool) -> None:
         """Refuse to combine with a store of another model, template or projection (and, with
         ``same_dataset``, of another dataset: e.g. one pool at several checkpoints)."""
         keys = MODEL_KEYS + PROJECTION_KEYS + (DATASET_KEYS if same_dataset else ())
-        require_match(self.meta, other.meta, keys, f"{self.path} and {other.path} cannot be combined")
+        require_match(self.meta.to_dict(), other.meta.to_dict(), keys, f"{self.path} and {other.path} cannot be combined")
 
 
 class ShardWriter:
@@ -91,7 +151,9 @@ class ShardWriter:
 
     def claim(self, job: Mapping[str, Any]) -> None:
         """Start or resume ``job`` (one process only): an unfinished job of another configuration
-        in the folder is an error, never mixed in."""
+        in the folder is an error, never mixed in. Removes what killed writers left half-written."""
+        remove_stale_temps(self.out_dir)
+        remove_stale_temps(self.shard_dir)
         job_file = self.shard_dir / JOB_FILE
         remove_stale_temps(self.out_dir)
         remove_stale_temps(self.shard_dir)
@@ -101,7 +163,7 @@ class ShardWriter:
                           f"{self.out_dir} holds an unfinished extract job with other settings")
             return
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(job_file, json.dumps(dict(job), indent=2, sort_keys=True))
+        write_json(job_file, dict(job), indent=2, sort_keys=True)
 
     def _path(self, shard: int) -> Path:
         return self.shard_dir / f"shard-{shard:05d}.npz"
@@ -111,30 +173,27 @@ class ShardWriter:
 
     def write(self, shard: int, rows: np.ndarray, values: np.ndarray) -> None:
         """Save one finished shard (row indices into the dataset and their features) atomically."""
-        tmp = temp_path(self._path(shard))
-        with open(tmp, "wb") as fh:
+        with atomic_path(self._path(shard)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, rows=rows, values=values)
-        os.replace(tmp, self._path(shard))
 
-    def assemble(self, num_shards: int, ids: Sequence[str], dim: int, dtype: str, meta: Mapping[str, Any]) -> Path:
+    def assemble(self, num_shards: int, ids: Sequence[str], dim: int, dtype: str, meta: StoreMeta) -> Path:
         """Write the finished store from all shards, in dataset order; check no row is missing or doubled."""
-        tmp_features = self.out_dir / f".{FEATURES_FILE}.tmp"
-        array = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim))
-        seen = np.zeros(len(ids), dtype=np.int64)
-        for shard in range(num_shards):
-            if not self.is_done(shard):
-                raise RuntimeError(f"{self._path(shard)} missing: the job did not finish every shard")
-            with np.load(self._path(shard)) as data:
-                rows, values = data["rows"], data["values"]
-            array[rows] = values
-            np.add.at(seen, rows, 1)
-        if not (seen == 1).all():
-            bad = np.nonzero(seen != 1)[0][:5].tolist()
-            raise RuntimeError(f"rows {bad} were written {seen[bad].tolist()} times; store not assembled")
-        array.flush()
-        del array
-        os.replace(tmp_features, self.out_dir / FEATURES_FILE)
-        atomic_write_text(self.out_dir / IDS_FILE, json.dumps(list(ids)))
-        atomic_write_text(self.out_dir / META_FILE, json.dumps(dict(meta), indent=2, sort_keys=True))
+        with atomic_path(self.out_dir / FEATURES_FILE) as tmp_features:
+            array = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim))
+            seen = np.zeros(len(ids), dtype=np.int64)
+            for shard in range(num_shards):
+                if not self.is_done(shard):
+                    raise RuntimeError(f"{self._path(shard)} missing: the job did not finish every shard")
+                with np.load(self._path(shard)) as data:
+                    rows, values = data["rows"], data["values"]
+                array[rows] = values
+                np.add.at(seen, rows, 1)
+            if not (seen == 1).all():
+                bad = np.nonzero(seen != 1)[0][:5].tolist()
+                raise RuntimeError(f"rows {bad} were written {seen[bad].tolist()} times; store not assembled")
+            array.flush()
+            del array
+        write_json(self.out_dir / IDS_FILE, list(ids))
+        write_json(self.out_dir / META_FILE, meta.to_dict(), indent=2, sort_keys=True)
         shutil.rmtree(self.shard_dir)
         return self.out_dir
