@@ -28,9 +28,9 @@ from typing import Any
 
 import yaml
 
+from iaif.common.atomic import write_jsonl
 from iaif.evaluation.lm_eval_runner import SCORES_FILE
 from iaif.pipeline import PipelineConfig, demo_config, run_pipeline
-from iaif.training.data import write_jsonl
 
 logger = logging.getLogger("ablate_selection")
 DEFAULT_VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "ablation" / "demo_selection.yaml"

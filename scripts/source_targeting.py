@@ -29,10 +29,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from iaif.common.atomic import write_jsonl
 from iaif.config import config_from_yaml
 from iaif.evaluation.tasks.build import default_data_dir
 from iaif.pipeline import PipelineConfig, run_pipeline
-from iaif.training.data import DataConfig, load_examples, read_jsonl, write_jsonl
+from iaif.training.data import DataConfig, load_examples, read_jsonl
 
 FLAN_SOURCES = ["aqua", "creak", "ecqa", "gsm8k", "qasc", "sensemaking", "strategyqa"]
 MATCHED_SOURCE = {"gsm8k": "flan_gsm8k", "aqua": "flan_aqua", "commonsenseqa": "flan_ecqa",

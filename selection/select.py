@@ -82,8 +82,10 @@ class SelectConfig:
     per-task (⌈k / T⌉, as round-robin always uses)."""
     combine: Combine = "sum"
     """Multi-task: maximise the sum of per-task objectives, or serve tasks round-robin."""
-    normalise: bool = True
-    """Unit-length feature rows (cosine scores, the LESS recipe) or raw projected vectors."""
+    normalise: bool = False
+    """interaction / first-order: unit-length feature rows (cosine scores) or raw projected vectors
+    (dot products: the gradient magnitudes stay in s_a and κ). Raw is the default, chosen on the demo's
+    validation split (docs/BENCHMARKS.md, "Selection ablation"). LESS always uses cosines (its recipe)."""
     whiten: float | None = None
     """Training-loss curvature: None keeps H = I (LESS); a number whitens the features with the damped
     Gauss-Newton H = Γ̂ᵀΓ̂/N + δI of each checkpoint's pool features, δ = whiten × its mean eigenvalue."""
@@ -166,7 +168,8 @@ def load_targets(paths: Sequence[str]) -> list[Example]:
 
 
 def _geometry(cfg: SelectConfig) -> FeatureGeometry:
-    return FeatureGeometry(cfg.normalise, cfg.whiten)
+    """The feature geometry of the method: LESS is cosine scores without whitening by definition."""
+    return FeatureGeometry() if cfg.method == "less" else FeatureGeometry(cfg.normalise, cfg.whiten)
 
 
 def _sampled_curvature(cfg: SelectConfig, cand_ids: list[str], task_of: dict[str, str]

@@ -95,10 +95,11 @@ def _cfg(s: dict, **kw) -> SelectConfig:
     return SelectConfig(**{**base, **kw})
 
 
-def _phi(s: dict, rows: list[str]) -> torch.Tensor:
+def _phi(s: dict, rows: list[str], normalise: bool = True) -> torch.Tensor:
+    """Φ by hand: lr-weighted cosines (normalise) or dot products of the stored fp16 features."""
     def norm(x):
         x = torch.tensor(x.astype(np.float16).astype(np.float32))
-        return x / x.norm(dim=1, keepdim=True)
+        return x / x.norm(dim=1, keepdim=True) if normalise else x
     idx = [s["pool_ids"].index(r) for r in rows]
     return sum(w * norm(s["pf"][c])[idx] @ norm(s["tf"][c]).T for c, w in enumerate((0.6, 0.4)))
 
@@ -125,10 +126,11 @@ def test_select_writes_records_and_summary(setup, method):
         assert "p29" not in {r["_iaif"]["id"] for r in lines}
 
 
-def test_first_order_is_top_k_of_mean_influence(setup):
-    out = run_select(_cfg(setup, method="first-order"))
+@pytest.mark.parametrize("normalise", [False, True])
+def test_first_order_is_top_k_of_mean_influence(setup, normalise):
+    out = run_select(_cfg(setup, method="first-order", normalise=normalise))
     lines, summary = _read(out)
-    phi = _phi(setup, setup["pool_ids"])
+    phi = _phi(setup, setup["pool_ids"], normalise)
     score = phi[:, :3].mean(1) + phi[:, 3:].mean(1)  # sum of per-task first-order scores
     expected = [setup["pool_ids"][i] for i in torch.topk(score, 6).indices]
     assert [r["_iaif"]["id"] for r in lines] == expected
@@ -220,7 +222,8 @@ def test_gn_curvature_uses_sampled_label_features(setup):
     sf = [rng.normal(size=(12, DIM)) + 0.3 for _ in range(2)]
     sampled = [_store(setup["tmp"] / "sampled" / f"c{c}", sampled_ids, sf[c], f"ad{c}", w, setup["tok_targets"],
                       setup["model"], sampled_labels=2) for c, w in enumerate((0.6, 0.4))]
-    out = run_select(_cfg(setup, curvature="gn", sampled_target_stores=sampled, lam=2.0, combine="round-robin"))
+    out = run_select(_cfg(setup, curvature="gn", sampled_target_stores=sampled, lam=2.0, combine="round-robin",
+                          normalise=True))
     lines, summary = _read(out)
     # independent check of the first step: s from true labels, κ from the sampled-label block of task a
     phi = _phi(setup, setup["pool_ids"])
@@ -372,3 +375,12 @@ def test_temporary_files_left_by_a_killed_attribute_are_removed_by_the_rerun(set
     run_attribute(AttributeConfig(group=str(group), targets=setup["targets"], pool_stores=setup["pool_stores"],
                                   target_stores=setup["target_stores"], output_dir=str(out)))
     assert not stale.exists() and (out / "attribution.json").is_file()
+
+
+def test_less_keeps_its_cosine_recipe_whatever_the_feature_geometry(setup):
+    raw = run_select(_cfg(setup, method="less", normalise=False, output_dir=str(setup["tmp"] / "less-raw")))
+    cos = run_select(_cfg(setup, method="less", normalise=True, output_dir=str(setup["tmp"] / "less-cos")))
+    assert [r["_iaif"]["id"] for r in _read(raw)[0]] == [r["_iaif"]["id"] for r in _read(cos)[0]]
+    phi = _phi(setup, setup["pool_ids"], normalise=True)
+    best = max(range(len(setup["pool_ids"])), key=lambda i: float(max(phi[i, :3].mean(), phi[i, 3:].mean())))
+    assert _read(raw)[0][0]["_iaif"]["id"] == setup["pool_ids"][best]
