@@ -117,7 +117,9 @@ def write_table(table: dict[str, dict[str, dict[str, float]]], variants: list[di
                   "|---|---|---|" + "---|" * (len(tasks) + 1)]
         for name, per in table.items():
             cells = per.get(metric, {})
-            sel = json.dumps(settings[name].get("select", {}), sort_keys=True)
+            shown = {**settings[name].get("select", {}), **({"pool_feature": settings[name]["pool_feature"]}
+                                                              if "pool_feature" in settings[name] else {})}
+            sel = json.dumps(shown, sort_keys=True)
             lines.append(f"| {name} | {settings[name]['method']} | `{sel}` | "
                          + " | ".join(f"{cells.get(t, float('nan')):.3f}" for t in [*tasks, "mean"]) + " |")
         lines.append("")
