@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,12 +33,15 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
 
 def test_remove_stale_temps_removes_only_the_scheme(tmp_path: Path) -> None:
     assert temp_path(tmp_path / "x.json") == tmp_path / f".x.json.tmp-{os.getpid()}"
-    (tmp_path / ".x.json.tmp-123").write_text("left by a killed writer")
-    (tmp_path / ".ckpt.tmp-7").mkdir()
-    (tmp_path / ".ckpt.tmp-7" / "f").write_text("")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a writer that was killed: its pid belongs to no process any more
+    (tmp_path / f".x.json.tmp-{dead.pid}").write_text("left by a killed writer")
+    (tmp_path / f".ckpt.tmp-{dead.pid}").mkdir()
+    (tmp_path / f".ckpt.tmp-{dead.pid}" / "f").write_text("")
+    (tmp_path / f".y.json.tmp-{os.getppid()}").write_text("a writer that is still running")
     for keep in ("x.json", ".hidden", "x.tmp-1"):
         (tmp_path / keep).write_text("")
-    assert [p.name for p in remove_stale_temps(tmp_path, "ckpt")] == [".ckpt.tmp-7"]
-    assert [p.name for p in remove_stale_temps(tmp_path)] == [".x.json.tmp-123"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "x.json", "x.tmp-1"]
+    assert [p.name for p in remove_stale_temps(tmp_path, "ckpt")] == [f".ckpt.tmp-{dead.pid}"]
+    assert [p.name for p in remove_stale_temps(tmp_path)] == [f".x.json.tmp-{dead.pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", f".y.json.tmp-{os.getppid()}", "x.json", "x.tmp-1"]
     assert remove_stale_temps(tmp_path / "missing") == []

@@ -121,19 +121,21 @@ def test_sampled_store_is_never_taken_for_a_true_label_one(stores: dict, tmp_pat
     assert not (tmp_path / "out" / "selected.jsonl").exists()
 
 
-def test_select_gn_on_extracted_stores(stores: dict, tmp_path: Path):
+@pytest.mark.parametrize("normalise", [False, True])
+def test_select_gn_on_extracted_stores(stores: dict, tmp_path: Path, normalise: bool):
     lam = 1.5
     out = run_select(SelectConfig(
         pool=DataConfig(path=str(stores["pool_file"])), targets=[str(stores["target_file"])],
         pool_stores=[str(stores["pool"].path)], target_stores=[str(stores["true"].path)],
         sampled_target_stores=[str(stores["sampled"].path)], curvature="gn", lam=lam,
-        output_dir=str(tmp_path / "out"), k=3))
+        output_dir=str(tmp_path / "out"), k=3, normalise=normalise))
     lines = [json.loads(x)["_iaif"] for x in (out / "selected.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and len({x["id"] for x in lines}) == 3
 
     def unit(x: np.ndarray) -> np.ndarray:
+        """Rows as the selector compares them: unit length (cosines) or as stored (dot products)."""
         x = np.asarray(x, dtype=np.float64)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.linalg.norm(x, axis=1, keepdims=True) if normalise else x
 
     pool, true, sampled = stores["pool"], stores["true"], stores["sampled"]
     first = lines[0]
