@@ -13,6 +13,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 SHARED_DATA = Path(os.environ.get("IAIF_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (the small-model benchmarks are bit-for-bit repeatable on one
+    thread), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (or $IAIF_SHARED_DATA); tests that need it skip when it is absent."""

@@ -20,12 +20,7 @@ from iaif.selection.estimators import ef_group_estimate, group_estimate, pairwis
 TIGHT = FitSettings(max_iter=5000, tol_grad=1e-10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n: int, m: int, d: int, seed: int) -> Split:

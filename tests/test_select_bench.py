@@ -22,12 +22,7 @@ SPEC = DataSpec("digits", n_train=160, n_heldout=120, downsample=2, n_seed=30)  
 L2 = 1e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
