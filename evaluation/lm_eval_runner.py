@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +90,25 @@ class EvalConfig:
     """Write per-example samples."""
     seed: int = 1234
     """Seed for lm-eval's few-shot sampling and generation."""
+
+
+class _GenKwargsNote(logging.Filter):
+    """Drops lm-eval's note that generation settings passed by the caller override the task YAMLs: iaif
+    passes ``max_gen_toks`` on purpose (``EvalConfig.max_gen_toks``), once per evaluation."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "specified through cli" not in record.getMessage()
+
+
+@contextmanager
+def _without_gen_kwargs_note() -> Iterator[None]:
+    note = _GenKwargsNote()
+    target = logging.getLogger("lm_eval.evaluator")
+    target.addFilter(note)
+    try:
+        yield
+    finally:
+        target.removeFilter(note)
 
 
 @dataclass
@@ -216,7 +237,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     backend, model_args = _model_args(cfg, out)
     device = _device(cfg.device) if backend == "hf" else None  # a bad device fails before any work
     logger.info("lm-eval %s on %s (+ %s): %s", backend, cfg.model, cfg.adapter, [e.lm_eval_name for e in entries])
-    with quiet_peft_calls():  # lm-eval loads the adapter with peft
+    with quiet_peft_calls(), _without_gen_kwargs_note():  # lm-eval loads the adapter with peft
         results = lm_eval.simple_evaluate(
             model=backend,
             model_args=model_args,

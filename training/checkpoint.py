@@ -24,7 +24,7 @@ import torch
 
 from iaif.common.atomic import remove_stale_temps, temp_path
 from iaif.common.contracts import ADAPTER_DIR
-from iaif.training.lora import adapter_hash
+from iaif.training.lora import adapter_hash, quiet_peft_calls
 
 OPTIMIZER_FILE = "optimizer_state.pt"
 META_FILE = "checkpoint.json"
@@ -124,7 +124,8 @@ def save_checkpoint(
     tmp = temp_path(directory)
     tmp.mkdir(parents=True)
     opt_state = optimizer_state_by_name(model, optimizer)
-    model.save_pretrained(str(tmp / ADAPTER_DIR))
+    with quiet_peft_calls():
+        model.save_pretrained(str(tmp / ADAPTER_DIR))
     torch.save(opt_state, tmp / OPTIMIZER_FILE)
     meta = {
         "epoch": epoch,

@@ -29,7 +29,15 @@ from iaif.common.progress import on_terminal
 from iaif.common.provenance import CONFIG_FILE, config_to_dict, write_run_info
 from iaif.training.collate import PaddingCollator, TokenizedDataset
 from iaif.training.data import DataConfig, Example, Exclusion, Template, TokenizedExample, load_examples, tokenize_examples
-from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_base_model, load_tokenizer, resolve_precision
+from iaif.training.lora import (
+    LoraSettings,
+    ModelConfig,
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    quiet_peft_calls,
+    resolve_precision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +252,8 @@ def train_adapter(
     if len(kept) < cfg.training.effective_batch_size:
         logger.warning("only %d examples for an effective batch of %d: one optimizer step per epoch",
                        len(kept), cfg.training.effective_batch_size)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with quiet_peft_calls():  # the Trainer saves the adapter at every checkpoint
+        trainer.train(resume_from_checkpoint=checkpoint)
     return trainer, excluded
 
 
@@ -271,7 +280,8 @@ def run_train(cfg: TrainConfig) -> Path:
     trainer, excluded = train_adapter(cfg, examples, "train")
     if trainer.is_fsdp_enabled:  # gather the sharded adapter into one file for save_pretrained
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(out / ADAPTER_DIR))
+    with quiet_peft_calls():
+        trainer.save_model(str(out / ADAPTER_DIR))
     if is_main_process():
         write_summary(trainer, out, len(examples), excluded)
         logger.info("adapter written to %s", out / ADAPTER_DIR)

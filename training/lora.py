@@ -100,10 +100,15 @@ def _quiet_bitsandbytes_cpu_kernels() -> Iterator[None]:
 
 @contextmanager
 def quiet_peft_calls() -> Iterator[None]:
-    """Around peft calls: hide the FutureWarning transformers raises when peft reads the deprecated
-    ``is_gradient_checkpointing`` property (peft's call, not ours)."""
+    """Around peft calls (building, training, saving and loading adapters): hide the FutureWarning
+    transformers raises when peft reads the deprecated ``is_gradient_checkpointing`` property (peft's
+    call, not ours), and peft's notes on adapters that include the embedding layer, which iaif asks for
+    on purpose (``embed_tokens`` in ``target_modules``; it is then saved with the adapter, once per save)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer",
+                                category=UserWarning)
         yield
 
 
