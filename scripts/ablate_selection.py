@@ -12,7 +12,7 @@ the pipeline's. Finished steps are reused: rerun the same command to resume.
     iaif demo --steps setup warmup extract --output_dir runs/demo      # features once
     python scripts/ablate_selection.py --run-dir runs/demo --output-dir runs/ablation
 
-Writes OUTPUT/ablation.md and OUTPUT/ablation.json.
+Writes OUTPUT/ablation.md, OUTPUT/ablation.json, and the settings and provenance (config.yaml, run_info.json).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from iaif.common.atomic import write_jsonl
+from iaif.common.provenance import write_run_info
 from iaif.evaluation.lm_eval_runner import SCORES_FILE
 from iaif.pipeline import PipelineConfig, demo_config, run_pipeline
 
@@ -151,6 +152,7 @@ def main() -> None:
     base = demo_config()
     if args.seeds:
         base = dataclasses.replace(base, seeds=args.seeds)
+    write_run_info(out, {**vars(args), "variants": variants, "seeds": base.seeds}, "ablate-selection")
     folds = make_folds(run_dir / "demo_data", out, args.fold_seed)
     results: dict[str, list[dict[str, dict[str, list[float]]]]] = {}
     for variant in variants:
