@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -287,46 +287,74 @@ def write_selection(out: Path, cfg: SelectConfig, candidates: Sequence[Example],
     return out
 
 
+Selector = Callable[[SelectConfig, list[Example]], tuple[list[Example], Selection, dict[str, Any]]]
+"""One method: (settings, pool) -> (candidates, selection over them, extra summary fields)."""
+
+
+def _select_features(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:
+    """interaction, first-order, less: selection on the gradient feature stores."""
+    from iaif.selection.checks import check_stores, pool_candidates
+
+    targets = load_targets(cfg.targets)
+    ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
+    check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
+    candidates, extra = pool_candidates(pool, cfg.pool_stores, cfg.allow_missing_features)
+    k = resolve_k(cfg.k, cfg.fraction, len(candidates))
+    return candidates, _feature_select(cfg, k, ckpts, [e.id for e in candidates], targets), extra
+
+
+def _select_random(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:
+    """random: a uniform (optionally source- or task-balanced) subset."""
+    from iaif.selection.baselines.random_subset import random_select
+
+    k = resolve_k(cfg.k, cfg.fraction, len(pool))
+    groups = None if cfg.balance == "none" else [e.source if cfg.balance == "source" else e.task for e in pool]
+    idx = random_select(len(pool), k, cfg.seed, groups)
+    return pool, Selection(idx, [None] * k, [None] * k, [None] * k), {}
+
+
+def _similarity(cfg: SelectConfig, pool: list[Example],
+                embed: Callable[[Sequence[Example]], torch.Tensor]) -> tuple[list[Example], Selection, dict[str, Any]]:
+    from iaif.selection.baselines.similarity import similarity_select
+
+    k = resolve_k(cfg.k, cfg.fraction, len(pool))
+    targets = load_targets(cfg.targets)
+    idx, scores = similarity_select(embed(pool), embed(targets), k, cfg.similarity)
+    return pool, Selection(idx, scores, scores, [None] * k), {}
+
+
+def _select_rds(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:
+    """rds: similarity of base-model hidden states."""
+    from iaif.selection.baselines.rds import rds_embeddings
+
+    return _similarity(cfg, pool, lambda xs: rds_embeddings(xs, cfg.model, cfg.template, cfg.max_length,
+                                                            cfg.batch_size, cfg.device))
+
+
+def _select_embed(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:
+    """embed: similarity of sentence-transformers embeddings."""
+    from iaif.selection.baselines.embed import sentence_embeddings
+
+    return _similarity(cfg, pool, lambda xs: sentence_embeddings(xs, cfg.embedder, cfg.batch_size, cfg.device,
+                                                                 cfg.max_length))
+
+
+METHODS: dict[str, Selector] = {
+    "interaction": _select_features, "first-order": _select_features, "less": _select_features,
+    "random": _select_random, "rds": _select_rds, "embed": _select_embed,
+}
+"""Method name -> selector; a new baseline is one function and one entry here (keys: exactly ``Method``)."""
+
+
 def run_select(cfg: SelectConfig) -> Path:
     """Run one selection method and write its outputs (module docstring)."""
-    from iaif.selection.checks import check_settings, check_stores, pool_candidates
+    from iaif.selection.checks import check_settings
 
     check_settings(cfg)
-    pool = load_examples(cfg.pool)
-    extra: dict[str, Any] = {}
-    if cfg.method in ("interaction", "first-order", "less"):
-        targets = load_targets(cfg.targets)
-        ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
-        check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
-        candidates, extra = pool_candidates(pool, cfg.pool_stores, cfg.allow_missing_features)
-        k = resolve_k(cfg.k, cfg.fraction, len(candidates))
-        sel = _feature_select(cfg, k, ckpts, [e.id for e in candidates], targets)
-    elif cfg.method == "random":
-        from iaif.selection.baselines.random_subset import random_select
-
-        candidates = pool
-        k = resolve_k(cfg.k, cfg.fraction, len(pool))
-        groups = None if cfg.balance == "none" else [e.source if cfg.balance == "source" else e.task for e in pool]
-        idx = random_select(len(pool), k, cfg.seed, groups)
-        sel = Selection(idx, [None] * k, [None] * k, [None] * k)
-    elif cfg.method in ("rds", "embed"):
-        from iaif.selection.baselines.similarity import similarity_select
-
-        candidates = pool
-        k = resolve_k(cfg.k, cfg.fraction, len(pool))
-        targets = load_targets(cfg.targets)
-        if cfg.method == "rds":
-            from iaif.selection.baselines.rds import rds_embeddings
-
-            embed = lambda xs: rds_embeddings(xs, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)  # noqa: E731
-        else:
-            from iaif.selection.baselines.embed import sentence_embeddings
-
-            embed = lambda xs: sentence_embeddings(xs, cfg.embedder, cfg.batch_size, cfg.device, cfg.max_length)  # noqa: E731
-        idx, scores = similarity_select(embed(pool), embed(targets), k, cfg.similarity)
-        sel = Selection(idx, scores, scores, [None] * k)
-    else:
+    if cfg.method not in METHODS:
         raise ValueError(f"unknown method '{cfg.method}'")
+    pool = load_examples(cfg.pool)
+    candidates, sel, extra = METHODS[cfg.method](cfg, pool)
     out = write_selection(Path(cfg.output_dir), cfg, candidates, sel, extra)
     logger.info("selected %d of %d with %s -> %s", len(sel.indices), len(candidates), cfg.method, out / SELECTED_FILE)
     return out

@@ -384,3 +384,13 @@ def test_less_keeps_its_cosine_recipe_whatever_the_feature_geometry(setup):
     phi = _phi(setup, setup["pool_ids"], normalise=True)
     best = max(range(len(setup["pool_ids"])), key=lambda i: float(max(phi[i, :3].mean(), phi[i, 3:].mean())))
     assert _read(raw)[0][0]["_iaif"]["id"] == setup["pool_ids"][best]
+
+
+def test_method_registry_covers_exactly_the_method_names():
+    from typing import get_args
+
+    from iaif.selection.select import METHODS, Method
+
+    assert sorted(METHODS) == sorted(get_args(Method))
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        run_select(SelectConfig(method="nope"))  # type: ignore[arg-type]
