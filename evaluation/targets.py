@@ -6,7 +6,9 @@ Writes one chat JSONL per benchmark, ``{id, task, benchmark, messages: [user, as
 - ``mmlu.jsonl``: the 5 dev questions of each subject (285), ``task`` = subject;
 - ``bbh.jsonl``: the 3 chain-of-thought exemplars of each task (81), ``task`` = BBH task;
 - ``tydiqa.jsonl``: the first dev question of each language (9), ``task`` = language code;
-- ``gsm8k.jsonl`` (optional): the first N train questions with their full solution.
+- ``gsm8k.jsonl`` (optional): the first N train questions with their full solution;
+- ``humaneval.jsonl`` (optional, needs the humaneval extra): the 9 held-out problems (never scored by
+  the humaneval task), the signature and docstring as the user turn, the reference body as the answer.
 
 The records come from the readers of :mod:`iaif.evaluation.tasks.sources` and are formatted with the
 same task templates the evaluation uses: the user turn is the task description followed by the
@@ -31,7 +33,7 @@ from iaif.training.data import DataError
 
 logger = logging.getLogger(__name__)
 
-TargetBenchmark = Literal["mmlu", "bbh", "tydiqa", "gsm8k"]
+TargetBenchmark = Literal["mmlu", "bbh", "tydiqa", "gsm8k", "humaneval"]
 
 
 @dataclass(frozen=True)
@@ -42,18 +44,21 @@ class _Pick:
     """True: the subtask's few-shot records (MMLU dev, BBH CoT prompts, GSM8K train); False: its scored records."""
     count: int | None
     """Keep the first N of them (None: all)."""
+    keep_indent: bool = False
+    """Keep the answer's leading indentation (code: a function body); only blank lines are trimmed."""
 
 
 _PICKS: dict[str, _Pick] = {
     "mmlu": _Pick(few_shot=True, count=None),
     "bbh": _Pick(few_shot=True, count=None),
     "tydiqa": _Pick(few_shot=False, count=1),
+    "humaneval": _Pick(few_shot=True, count=None, keep_indent=True),
 }
 
 
 @dataclass
 class TargetsConfig:
-    """Write the LESS-style selection target sets (MMLU, BBH, TyDiQA; optionally GSM8K) as chat JSONL."""
+    """Write the LESS-style selection target sets (MMLU, BBH, TyDiQA; optionally GSM8K, HumanEval) as chat JSONL."""
 
     output_dir: str = "runs/targets"
     """Folder for ``<benchmark>.jsonl``, ``config.yaml`` and ``run_info.json``."""
@@ -83,12 +88,12 @@ class _Formatter:
         self._choices = spec.get("doc_to_choice") if spec.get("output_type") == "multiple_choice" else None
         self._target = env.from_string(target if "{{" in target else "{{" + target + "}}")
 
-    def __call__(self, record: Record, description: str) -> tuple[str, str]:
+    def __call__(self, record: Record, description: str, keep_indent: bool = False) -> tuple[str, str]:
         user = (description + self._text.render(**record)).strip()
         target = self._target.render(**record)
         if self._choices is not None:  # multiple choice: the target is an index into the choice labels
             target = self._choices[int(target)]
-        return user, target.strip()
+        return user, (target.strip("\n").rstrip() if keep_indent else target.strip())
 
 
 def _benchmark_targets(name: str, subtasks: list[Subtask], pick: _Pick) -> list[dict[str, Any]]:
@@ -104,7 +109,7 @@ def _benchmark_targets(name: str, subtasks: list[Subtask], pick: _Pick) -> list[
             raise DataError(f"{name}/{task}", None, "fewshot" if pick.few_shot else "records", "no records to take targets from")
         chosen = source if pick.count is None else source[: pick.count]
         for k, rec in enumerate(chosen):
-            user, answer = fmt(rec, sub.extra.get("description", ""))
+            user, answer = fmt(rec, sub.extra.get("description", ""), pick.keep_indent)
             out.append({"id": f"{name}/{task}/{k}", "task": task, "benchmark": name,
                         "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
     return out

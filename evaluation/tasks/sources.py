@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iaif.evaluation.tasks.code_exec import read_humaneval
 from iaif.training.data import DataError, read_jsonl
 
 Record = dict[str, Any]
@@ -278,7 +279,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     "piqa": Benchmark(read_piqa, "multiple_choice.yaml", "acc_norm,none"),
     "commonsenseqa": Benchmark(read_commonsenseqa, "multiple_choice.yaml", "acc,none"),
     "aqua": Benchmark(read_aqua, "multiple_choice.yaml", "acc,none"),
+    "humaneval": Benchmark(read_humaneval, "humaneval.yaml", "pass@1,none"),
 }
+CODE_EXECUTION_TASKS = frozenset({"humaneval"})
+"""Benchmarks scored by running model-written code: built only with ``allow_code_execution``."""
 
 
 # ------------------------------------------------------------------------------------------
