@@ -20,8 +20,8 @@ import time
 import torch
 
 from iaif.selection.estimators import marginal_gain
-from iaif.selection.greedy import Objective, greedy_select
-from iaif.selection.objective import default_lambda
+from iaif.selection.greedy import greedy_select
+from iaif.selection.objective import Objective, default_lambda
 
 
 def _peak_rss_bytes() -> int:

@@ -26,9 +26,10 @@ per-step work is small; one thread also makes runs bit-for-bit repeatable).
 Stochastic greedy (Mirzasoleiman et al. 2015): each step evaluates the exact gain of
 ⌈(N/k)·ln(1/ε)⌉ random unselected candidates and takes the best.
 
-Several objectives (one per target task) are served round-robin: step i picks the best candidate of
-objective i mod T; every objective sees every pick. A sum of objectives is a single objective
-(see ``iaif.selection.objective``).
+Both kinds are trackers of one objective's gains (``GainTracker``: ``best`` picks a row, ``add``
+accounts for a pick): ``ExactTracker`` and ``StochasticTracker``. Several objectives (one per target
+task, ``iaif.selection.objective``) are served round-robin: step i takes the pick of tracker i mod T;
+every tracker sees every pick. A sum of objectives is a single objective.
 """
 
 from __future__ import annotations
@@ -37,49 +38,17 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
 from iaif.common.progress import progress_iter
-from iaif.selection.estimators import marginal_gain, selection_objective
+from iaif.selection.estimators import marginal_gain
+from iaif.selection.objective import Objective
 
 logger = logging.getLogger(__name__)
 
 GreedyKind = Literal["exact", "stochastic"]
-
-
-@dataclass(frozen=True)
-class Objective:
-    """One selection objective: J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} scale·⟨ψ_a, ψ_b⟩."""
-
-    scores: torch.Tensor
-    """s_c for every candidate, [N]."""
-    curv: torch.Tensor
-    """Curvature features ψ, [N, q] (a strided view is fine)."""
-    lam: float
-    """Trade-off weight λ ≥ 0 (0: first-order top-k)."""
-    scale: float | None = None
-    """κ(a, b) = scale·⟨ψ_a, ψ_b⟩; None: 1/q (empirical Fisher)."""
-    name: str = "all"
-    """Task name, for logs."""
-
-    def __post_init__(self) -> None:
-        if self.scores.ndim != 1 or self.curv.ndim != 2 or self.curv.shape[0] != self.scores.shape[0]:
-            raise ValueError(f"objective '{self.name}': scores [N] and curv [N, q] needed, got "
-                             f"{tuple(self.scores.shape)} and {tuple(self.curv.shape)}")
-        if self.lam < 0 or not math.isfinite(self.lam):
-            raise ValueError(f"objective '{self.name}': λ must be finite and ≥ 0, got {self.lam}")
-
-    @property
-    def coef(self) -> float:
-        """λ·scale, the factor of ⟨ψ_c, C(A)⟩ in the gain."""
-        return self.lam * (1.0 / self.curv.shape[1] if self.scale is None else self.scale)
-
-    def value(self, indices: Sequence[int] | torch.Tensor) -> float:
-        """J(A) of a set of row indices."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.curv.device)
-        return selection_objective(self.curv[idx].float(), self.lam, self.scores[idx], self.scale)
 
 
 @dataclass(frozen=True)
@@ -134,7 +103,7 @@ def _leading_directions(curv: torch.Tensor, rank: int, seed: int) -> torch.Tenso
     return vh[:rank].T.contiguous()
 
 
-class _ExactTracker:
+class ExactTracker:
     """Exact greedy gains of one objective with a shortlist and refresh bounds (module docstring)."""
 
     def __init__(self, obj: Objective, selected: torch.Tensor, shortlist: int, basis_rank: int,
@@ -269,14 +238,48 @@ def _first_best(idx: torch.Tensor, g: torch.Tensor) -> int:
     return int(ties[torch.argmin(idx[ties])])
 
 
-def _stochastic_best(obj: Objective, cum: torch.Tensor, sq: torch.Tensor, selected: torch.Tensor,
-                     sample: int, gen: torch.Generator) -> tuple[int, float, float]:
-    free = (~selected).nonzero().squeeze(1)
-    pick = free[torch.randint(len(free), (min(sample, len(free)),), generator=gen, device="cpu").to(free.device)]
-    pick = torch.unique(pick)
-    g, inter = marginal_gain(obj.scores[pick], obj.curv[pick].float(), cum, obj.lam, obj.scale, sq[pick])
-    j = int(torch.argmax(g))
-    return int(pick[j]), float(g[j]), float(inter[j])
+class StochasticTracker:
+    """Stochastic greedy gains of one objective: each ``best`` draws ``sample`` unselected candidates
+    from ``gen`` (shared by the objectives served round-robin) and takes the best of them."""
+
+    refreshes = 0
+
+    def __init__(self, obj: Objective, selected: torch.Tensor, sample: int, gen: torch.Generator, chunk_rows: int):
+        self.obj, self.selected, self.sample, self.gen = obj, selected, sample, gen
+        self.cum = torch.zeros(obj.curv.shape[1], dtype=torch.float32, device=selected.device)
+        self.sq = _sq_norms(obj.curv, chunk_rows, obj.name)
+
+    def add(self, index: int) -> None:
+        self.cum += self.obj.curv[index].float()
+
+    def best(self) -> tuple[int, float, float]:
+        """(index, gain, interaction part) of the best of this step's random candidates."""
+        o = self.obj
+        free = (~self.selected).nonzero().squeeze(1)
+        pick = free[torch.randint(len(free), (min(self.sample, len(free)),), generator=self.gen,
+                                  device="cpu").to(free.device)]
+        pick = torch.unique(pick)
+        g, inter = marginal_gain(o.scores[pick], o.curv[pick].float(), self.cum, o.lam, o.scale, self.sq[pick])
+        j = int(torch.argmax(g))
+        return int(pick[j]), float(g[j]), float(inter[j])
+
+
+class GainTracker(Protocol):
+    """What the greedy loop needs of one objective's gains (``ExactTracker``, ``StochasticTracker``).
+
+    The trackers of a run share one mask of selected rows, which the loop sets."""
+
+    obj: Objective
+    refreshes: int
+    """Full passes over the pool so far."""
+
+    def best(self) -> tuple[int, float, float]:
+        """The unselected row this step picks for the objective: (index, gain, interaction part)."""
+        ...
+
+    def add(self, index: int) -> None:
+        """Account for row ``index`` having been selected (for any objective)."""
+        ...
 
 
 def greedy_select(
@@ -309,51 +312,42 @@ def greedy_select(
     for o in objectives:
         if not bool(torch.isfinite(o.scores).all()):
             raise ValueError(f"objective '{o.name}': scores contain NaN or inf")
-    dev = objectives[0].curv.device
-    selected = torch.zeros(n, dtype=torch.bool, device=dev)
+    selected = torch.zeros(n, dtype=torch.bool, device=objectives[0].curv.device)
+    # single-threaded from here: per-step work is small, and one thread makes the float round-off,
+    # hence the order among equal gains, the same on every run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _greedy_loop(objectives, k, kind, epsilon, shortlist, basis_rank, chunk_rows, seed, progress,
-                            selected)
+        trackers: list[GainTracker]
+        if kind == "exact":
+            trackers = [ExactTracker(o, selected, shortlist, basis_rank, chunk_rows, seed) for o in objectives]
+        elif kind == "stochastic":
+            if not 0 < epsilon < 1:
+                raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+            sample = math.ceil(n / k * math.log(1 / epsilon))
+            gen = torch.Generator().manual_seed(seed)
+            trackers = [StochasticTracker(o, selected, sample, gen, chunk_rows) for o in objectives]
+        else:
+            raise ValueError(f"unknown greedy kind '{kind}'")
+        return _greedy_loop(trackers, selected, k, f"greedy ({kind})", progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _greedy_loop(objectives: Sequence[Objective], k: int, kind: GreedyKind, epsilon: float, shortlist: int,
-                 basis_rank: int, chunk_rows: int, seed: int, progress: bool, selected: torch.Tensor) -> GreedyResult:
-    """The step loop, single-threaded: per-step work is small, and one thread makes the float
-    round-off, hence the order among equal gains, the same on every run."""
-    n, dev = selected.shape[0], selected.device
-    if kind == "exact":
-        trackers = [_ExactTracker(o, selected, shortlist, basis_rank, chunk_rows, seed) for o in objectives]
-    elif kind == "stochastic":
-        if not 0 < epsilon < 1:
-            raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
-        cums = [torch.zeros(o.curv.shape[1], dtype=torch.float32, device=dev) for o in objectives]
-        sqs = [_sq_norms(o.curv, chunk_rows, o.name) for o in objectives]
-        sample = math.ceil(n / k * math.log(1 / epsilon))
-        gen = torch.Generator().manual_seed(seed)
-    else:
-        raise ValueError(f"unknown greedy kind '{kind}'")
+def _greedy_loop(trackers: Sequence[GainTracker], selected: torch.Tensor, k: int, label: str,
+                 progress: bool) -> GreedyResult:
+    """k steps; step i picks the best row of tracker i mod T, which every tracker then accounts for."""
     steps: list[GreedyStep] = []
-    for rank in progress_iter(range(k), k, f"greedy ({kind})", "step", disable=not progress):
-        t = rank % len(objectives)
-        if kind == "exact":
-            index, gain, inter = trackers[t].best()
-        else:
-            index, gain, inter = _stochastic_best(objectives[t], cums[t], sqs[t], selected, sample, gen)
+    for rank in progress_iter(range(k), k, label, "step", disable=not progress):
+        tracker = trackers[rank % len(trackers)]
+        index, gain, inter = tracker.best()
         selected[index] = True
-        if kind == "exact":
-            for tr in trackers:
-                tr.add(index)
-        else:
-            for o, cum in zip(objectives, cums):
-                cum += o.curv[index].float()
-        step = GreedyStep(rank, index, gain, gain + inter, inter, objectives[t].name)
+        for tr in trackers:
+            tr.add(index)
+        step = GreedyStep(rank, index, gain, gain + inter, inter, tracker.obj.name)
         logger.debug("step %d: row %d (%s) gain %.6g = first-order %.6g − interaction %.6g",
                      rank, index, step.task, gain, step.first_order, inter)
         steps.append(step)
-    refreshes = sum(tr.refreshes for tr in trackers) if kind == "exact" else 0
-    logger.info("greedy (%s): %d steps, %d full refreshes", kind, k, refreshes)
+    refreshes = sum(tr.refreshes for tr in trackers)
+    logger.info("%s: %d steps, %d full refreshes", label, k, refreshes)
     return GreedyResult(steps, refreshes)

@@ -1,4 +1,5 @@
-"""Per-task interaction-aware objectives, the default λ and the sum / round-robin combination.
+"""Interaction-aware objectives (``Objective``, what ``iaif.selection.greedy`` maximises): one per task,
+the default λ and the sum / round-robin combination.
 
 Default λ (a derivation, METHOD.md §2 leaves λ open). Let T_k be the first-order top-k set of a task,
 S_k = Σ_{a∈T_k} s_a its first-order value and Q_k = Σ_{a,b∈T_k} κ(a, b) its interaction mass. Along the
@@ -32,11 +33,43 @@ from typing import Literal
 
 import torch
 
-from iaif.selection.estimators import quadratic_part
-from iaif.selection.greedy import Objective
+from iaif.selection.estimators import quadratic_part, selection_objective
 
 Combine = Literal["sum", "round-robin"]
 LamBudget = Literal["k", "per-task"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One selection objective: J(A) = Σ_{a∈A} s_a − (λ/2) Σ_{a,b∈A} scale·⟨ψ_a, ψ_b⟩."""
+
+    scores: torch.Tensor
+    """s_c for every candidate, [N]."""
+    curv: torch.Tensor
+    """Curvature features ψ, [N, q] (a strided view is fine)."""
+    lam: float
+    """Trade-off weight λ ≥ 0 (0: first-order top-k)."""
+    scale: float | None = None
+    """κ(a, b) = scale·⟨ψ_a, ψ_b⟩; None: 1/q (empirical Fisher)."""
+    name: str = "all"
+    """Task name, for logs."""
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 1 or self.curv.ndim != 2 or self.curv.shape[0] != self.scores.shape[0]:
+            raise ValueError(f"objective '{self.name}': scores [N] and curv [N, q] needed, got "
+                             f"{tuple(self.scores.shape)} and {tuple(self.curv.shape)}")
+        if self.lam < 0 or not math.isfinite(self.lam):
+            raise ValueError(f"objective '{self.name}': λ must be finite and ≥ 0, got {self.lam}")
+
+    @property
+    def coef(self) -> float:
+        """λ·scale, the factor of ⟨ψ_c, C(A)⟩ in the gain."""
+        return self.lam * (1.0 / self.curv.shape[1] if self.scale is None else self.scale)
+
+    def value(self, indices: Sequence[int] | torch.Tensor) -> float:
+        """J(A) of a set of row indices."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.curv.device)
+        return selection_objective(self.curv[idx].float(), self.lam, self.scores[idx], self.scale)
 
 
 @dataclass(frozen=True)

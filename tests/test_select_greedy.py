@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from iaif.selection.estimators import marginal_gain, pairwise_kappa, selection_objective
-from iaif.selection.greedy import Objective, greedy_select
-from iaif.selection.objective import TaskTerms, build_objectives, default_lambda
+from iaif.selection.greedy import greedy_select
+from iaif.selection.objective import Objective, TaskTerms, build_objectives, default_lambda
 
 
 def _phi(n: int = 120, m: int = 10, seed: int = 0) -> torch.Tensor:
