@@ -16,12 +16,15 @@ import torch
 
 from iaif.common.atomic import remove_stale_temps, write_json
 from iaif.common.provenance import write_run_info
+from iaif.selection.curvature import Curvature, FeatureSource, influence_terms
 from iaif.selection.estimators import pairwise_kappa, quadratic_part
-from iaif.selection.influence import influence_matrix, open_checkpoints, parameter_features
-from iaif.selection.select import Curvature, load_targets, selected_ids
+from iaif.selection.influence import open_checkpoints
+from iaif.selection.select import load_targets, selected_ids
 
 logger = logging.getLogger(__name__)
 ATTRIBUTION_FILE = "attribution.json"
+WHOLE = "all"
+"""The one target group: f is the mean loss over all target examples."""
 
 
 @dataclass
@@ -83,18 +86,9 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     targets = load_targets(cfg.targets)
     ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
     check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
-    phi = influence_matrix(ckpts, ids, [t.id for t in targets], cfg.chunk_rows, cfg.device)
-    scores = phi.mean(dim=1)
-    if cfg.curvature == "ef":
-        curv, scale = phi, None
-    elif cfg.curvature == "gn":
-        sampled = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores, sampled=True)
-        curv, scale = influence_matrix(sampled, ids, sampled[0].target_ids, cfg.chunk_rows, cfg.device), None
-    elif cfg.curvature == "identity":
-        curv, scale = parameter_features(ckpts, ids, cfg.chunk_rows, cfg.device), 1.0
-    else:
-        raise ValueError(f"unknown curvature '{cfg.curvature}'")
-    report = attribute_group(scores, curv, ids, scale, cfg.top_pairs)
+    src = FeatureSource(ckpts, cfg.pool_stores, cfg.sampled_target_stores, cfg.chunk_rows, cfg.device)
+    terms = influence_terms(cfg.curvature, src, ids, [t.id for t in targets], [WHOLE] * len(targets))
+    report = attribute_group(terms.scores[WHOLE], terms.curv, ids, terms.scale, cfg.top_pairs)
     report["curvature"] = cfg.curvature
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "attribute")

@@ -29,14 +29,8 @@ from iaif.common.atomic import temp_path
 from iaif.common.contracts import SELECTED_FILE
 from iaif.common.contracts import SELECTION_SUMMARY_FILE as SUMMARY_FILE
 from iaif.common.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
-from iaif.selection.influence import (
-    CheckpointFeatures,
-    FeatureGeometry,
-    group_columns,
-    influence_matrix,
-    open_checkpoints,
-    parameter_features,
-)
+from iaif.selection.curvature import Curvature, FeatureSource, influence_terms
+from iaif.selection.influence import CheckpointFeatures, FeatureGeometry, group_columns, influence_matrix, open_checkpoints
 from iaif.selection.objective import Combine, LamBudget, TaskTerms, build_objectives
 from iaif.training.data import DataConfig, Example, Template, load_examples
 
@@ -44,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 Method = Literal["interaction", "less", "first-order", "random", "rds", "embed"]
 """The selection methods, the one list (the pipeline compares them all by default)."""
-Curvature = Literal["ef", "gn", "identity"]
 META_FIELD = "_iaif"
 
 
@@ -167,64 +160,47 @@ def load_targets(paths: Sequence[str]) -> list[Example]:
 # ---------------------------------------------------------------- feature-based methods
 
 
-def _geometry(cfg: SelectConfig) -> FeatureGeometry:
-    """The feature geometry of the method: LESS is cosine scores without whitening by definition."""
-    return FeatureGeometry() if cfg.method == "less" else FeatureGeometry(cfg.normalise, cfg.whiten)
+def _source(cfg: SelectConfig, ckpts: list[CheckpointFeatures]) -> FeatureSource:
+    """The features and their geometry: LESS is cosine scores without whitening by definition."""
+    geometry = FeatureGeometry() if cfg.method == "less" else FeatureGeometry(cfg.normalise, cfg.whiten)
+    return FeatureSource(ckpts, cfg.pool_stores, cfg.sampled_target_stores, cfg.chunk_rows, cfg.device, geometry)
 
 
-def _sampled_curvature(cfg: SelectConfig, cand_ids: list[str], task_of: dict[str, str]
-                       ) -> tuple[torch.Tensor, dict[str, slice]]:
-    ckpts = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores, sampled=True)
-    ids = ckpts[0].target_ids
-    labels = []
-    for sid in ids:
-        base = sid.rsplit("#", 1)[0] if sid not in task_of else sid
-        if base not in task_of:
-            raise ValueError(f"sampled-label store row '{sid}' matches no target example")
-        labels.append(task_of[base])
-    perm, cols = group_columns(labels)
-    curv = influence_matrix(ckpts, cand_ids, [ids[i] for i in perm], cfg.chunk_rows, cfg.device, _geometry(cfg))
-    return curv, cols
+def _less_select(src: FeatureSource, k: int, cand_ids: list[str], targets: list[Example]) -> Selection:
+    from iaif.selection.baselines.less import less_select
+
+    perm, _ = group_columns([t.task for t in targets])
+    ordered = [targets[i] for i in perm]
+    phi = influence_matrix(src.checkpoints, cand_ids, [t.id for t in ordered], src.chunk_rows, src.device,
+                           src.geometry)
+    sub_idx: dict[str, list[int]] = {}
+    for col, t in enumerate(ordered):
+        sub_idx.setdefault(_subtask(t), []).append(col)
+    idx, scores = less_select(phi, sub_idx, k)
+    vals = scores.tolist()
+    return Selection(idx, vals, vals, [None] * k, {"subtasks": len(sub_idx)})
 
 
 def _feature_select(cfg: SelectConfig, k: int, ckpts: list[CheckpointFeatures], cand_ids: list[str],
                     targets: list[Example]) -> Selection:
-    from iaif.selection.baselines.less import less_select
     from iaif.selection.greedy import greedy_select
 
-    perm, task_cols = group_columns([t.task for t in targets])
-    ordered = [targets[i] for i in perm]
-    phi = influence_matrix(ckpts, cand_ids, [t.id for t in ordered], cfg.chunk_rows, cfg.device, _geometry(cfg))
+    src = _source(cfg, ckpts)
     if cfg.method == "less":
-        sub_idx: dict[str, list[int]] = {}
-        for col, t in enumerate(ordered):
-            sub_idx.setdefault(_subtask(t), []).append(col)
-        idx, scores = less_select(phi, sub_idx, k)
-        vals = scores.tolist()
-        return Selection(idx, vals, vals, [None] * k, {"subtasks": len(sub_idx)})
-    terms_scores = {name: phi[:, cols].mean(dim=1) for name, cols in task_cols.items()}
-    if cfg.curvature == "ef":
-        curv, cols, scale = phi, task_cols, None
-    elif cfg.curvature == "gn":
-        if not cfg.sampled_target_stores:
-            raise ValueError("curvature=gn needs sampled_target_stores")
-        del phi
-        curv, cols, scale = *_sampled_curvature(cfg, cand_ids, {t.id: t.task for t in targets}), None
-    elif cfg.curvature == "identity":
-        del phi
-        curv, cols, scale = parameter_features(ckpts, cand_ids, cfg.chunk_rows, cfg.device, _geometry(cfg)), None, 1.0
-    else:
-        raise ValueError(f"unknown curvature '{cfg.curvature}'")
-    tasks = [TaskTerms(name, s, None if cols is None else cols[name], scale) for name, s in terms_scores.items()]
+        return _less_select(src, k, cand_ids, targets)
+    terms = influence_terms(cfg.curvature, src, cand_ids, [t.id for t in targets], [t.task for t in targets])
+    cols = terms.curv_columns
+    tasks = [TaskTerms(name, s, None if cols is None else cols[name], terms.scale) for name, s in terms.scores.items()]
     lam = 0.0 if cfg.method == "first-order" else cfg.lam
-    objectives, lams = build_objectives(tasks, curv, k, cfg.combine, lam, cfg.lam_factor, cfg.lam_budget)
+    objectives, lams = build_objectives(tasks, terms.curv, k, cfg.combine, lam, cfg.lam_factor, cfg.lam_budget)
     start = time.perf_counter()
     result = greedy_select(objectives, k, cfg.greedy, cfg.epsilon, cfg.shortlist, chunk_rows=cfg.chunk_rows,
                            seed=cfg.seed)
     idx = result.indices
     value = sum(o.value(idx) for o in objectives)
     info = {"lambda": lams, "objective": value, "greedy_seconds": round(time.perf_counter() - start, 3),
-            "full_refreshes": result.refreshes, "tasks": {n: s.stop - s.start for n, s in task_cols.items()}}
+            "full_refreshes": result.refreshes,
+            "tasks": {n: s.stop - s.start for n, s in terms.target_columns.items()}}
     return Selection(idx, [s.gain for s in result.steps], [s.first_order for s in result.steps],
                      [s.interaction for s in result.steps], info)
 

@@ -43,7 +43,14 @@ from iaif.selection.features.batching import group_shards, token_budget_batches
 from iaif.selection.features.fingerprint import EXCLUDED_FILE, dataset_fingerprint, write_digests
 from iaif.selection.features.per_example_grads import LoraGradientHooks, LoraMatrix, Relabel, backward_per_example, find_lora_matrices
 from iaif.selection.features.projection import DenseProjector, KroneckerProjector, ProjectionKind
-from iaif.selection.features.store import META_FILE, ShardWriter, StoreMeta, StoreMismatchError, require_match
+from iaif.selection.features.store import (
+    META_FILE,
+    ShardWriter,
+    StoreMeta,
+    StoreMismatchError,
+    require_match,
+    sampled_row_id,
+)
 from iaif.training.collate import PaddingCollator
 from iaif.training.data import (
     IGNORE_INDEX,
@@ -291,7 +298,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
         raise ValueError(f"{cfg.data.path}: every example was excluded (no answer tokens within max_length={cfg.max_length})")
     ids = [ex.id for ex in examples]
     draws = max(cfg.sampled_labels, 1)
-    row_ids = [f"{i}#{r}" for i in ids for r in range(cfg.sampled_labels)] if cfg.sampled_labels else ids
+    row_ids = [sampled_row_id(i, r) for i in ids for r in range(cfg.sampled_labels)] if cfg.sampled_labels else ids
     model, ckpt_info, adam = _load_model(cfg, state.device)
     featurizer = LoraFeaturizer(model, cfg.feature, cfg.projection, cfg.dim, cfg.seed, adam)
     dtype = "float16" if cfg.store_dtype == "fp16" else "float32"

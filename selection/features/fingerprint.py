@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from iaif.selection.features.store import FeatureStore, StoreMismatchError
+from iaif.selection.features.store import FeatureStore, StoreMismatchError, sampled_row_example
 from iaif.training.data import Example, TokenizedExample, tokenize_example
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def write_digests(out_dir: str | Path, examples: Sequence[TokenizedExample]) -> 
 def store_example_ids(store: FeatureStore) -> list[str]:
     """Ids of the examples a store was made from (rows ``<id>#<r>`` of sampled-label stores folded)."""
     if store.meta.sampled_labels:
-        return list(dict.fromkeys(row.rsplit("#", 1)[0] for row in store.ids))
+        return list(dict.fromkeys(map(sampled_row_example, store.ids)))
     return list(store.ids)
 
 

@@ -2,7 +2,9 @@
 ``meta.json`` (what made it). While a job runs, each process writes finished shards to
 ``.shards/shard-XXXXX.npz`` (atomic rename); a killed job resumes from them and the finished store
 is assembled from the shards in dataset order. ``meta.json`` is written last: a folder without it
-is not a store. Its schema is :class:`StoreMeta`, written and read here only."""
+is not a store. Its schema is :class:`StoreMeta`, written and read here only. Rows are named by
+example id; a sampled-label store (``sampled_labels`` R > 0) has R rows ``<id>#<r>`` per example
+(``sampled_row_id`` writes them, ``sampled_row_example`` reads them)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,16 @@ JOB_FILE = "job.json"
 MODEL_KEYS = ("model", "model_revision", "template_hash")
 PROJECTION_KEYS = ("projection", "projection_seed", "dim", "projection_version")
 DATASET_KEYS = ("dataset_fingerprint",)
+
+
+def sampled_row_id(example_id: str, draw: int) -> str:
+    """Id of draw ``draw`` of example ``example_id`` in a sampled-label store: ``<id>#<draw>``."""
+    return f"{example_id}#{draw}"
+
+
+def sampled_row_example(row_id: str) -> str:
+    """The example id of a sampled-label store row (the inverse of ``sampled_row_id``)."""
+    return row_id.rsplit("#", 1)[0]
 
 
 class StoreMismatchError(ValueError):
