@@ -71,7 +71,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     """Run one method in this (child) process; returns examples, tokens, seconds, peak memory."""
     from iaif.selection.features.adam import AdamPreconditioner
     from iaif.selection.features.batching import token_budget_batches
-    from iaif.selection.features.extract import LoraFeaturizer
+    from iaif.selection.features.featurizer import LoraFeaturizer
     from iaif.selection.features.per_example_grads import find_lora_matrices, per_example_loss
     from iaif.selection.features.projection import rademacher_block, stream_key
     from iaif.training.collate import PaddingCollator

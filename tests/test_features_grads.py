@@ -9,7 +9,7 @@ import torch
 
 from iaif.selection.features.adam import AdamPreconditioner, OptimizerStateError, adam_direction
 from iaif.selection.features.batching import group_shards, token_budget_batches
-from iaif.selection.features.extract import LoraFeaturizer
+from iaif.selection.features.featurizer import LoraFeaturizer
 from iaif.selection.features.per_example_grads import LoraGradientHooks, backward_per_example, find_lora_matrices, per_example_loss
 from iaif.selection.features.projection import KroneckerProjector, factor_dims, rademacher_block
 from iaif.training.collate import PaddingCollator
