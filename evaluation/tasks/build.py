@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 
 from iaif.common.atomic import write_jsonl
+from iaif.evaluation.tasks.code_exec import DEFAULT_TIMEOUT_S, with_timeout
 from iaif.evaluation.tasks.likelihood import ANSWER_NLL, answer_nll_subtask
-from iaif.evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
+from iaif.evaluation.tasks.sources import BENCHMARKS, CODE_EXECUTION_TASKS, DEMO_METRIC, Subtask, read_demo_target
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def _write_task_yaml(folder: Path, task: str, template: str, sub: Subtask, num_f
         "task": task,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": data_files},
+        **({"fewshot_split": "fewshot"} if sub.fewshot is not None else {}),  # never the scored split
         **sub.extra,
     }
     if num_fewshot is not None:
@@ -118,6 +120,7 @@ def build_tasks(
     max_subtasks: int | None = None,
     num_fewshot: dict[str, int] | None = None,
     answer_nll: bool = True,
+    code_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> BuiltTasks:
     """Convert local data and write lm-eval task YAMLs under ``out_dir``.
 
@@ -126,7 +129,8 @@ def build_tasks(
     ``demo_tasks`` picks some of its tasks (default: all). ``max_subtasks`` keeps the first N
     subtasks of multi-part benchmarks (quick runs). ``num_fewshot`` overrides per short name.
     ``answer_nll``: each demo task also gets a zero-shot ``loglikelihood`` task over the same test
-    questions (``iaif_demo_<task>_nll``, measure ``answer_nll``: mean -log P(gold answer | prompt))."""
+    questions (``iaif_demo_<task>_nll``, measure ``answer_nll``: mean -log P(gold answer | prompt)).
+    ``code_timeout_s``: seconds each code-execution task's problem (HumanEval) may run its tests."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_fewshot = num_fewshot or {}
@@ -138,6 +142,8 @@ def build_tasks(
     for name in benchmarks:
         bench = BENCHMARKS[name]
         subtasks = bench.reader(data)
+        if name in CODE_EXECUTION_TASKS:
+            subtasks = [with_timeout(s, code_timeout_s) for s in subtasks]
         if max_subtasks is not None and len(subtasks) > 1:
             subtasks = subtasks[:max_subtasks]
         entries.append(_build_one(out, name, PREFIX + name, subtasks, bench.template, bench.metric,
