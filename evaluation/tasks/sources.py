@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from iaif.evaluation.tasks.code_exec import read_humaneval
 from iaif.training.data import DataError, read_jsonl
@@ -46,6 +46,18 @@ def _need(rec: Record, key: str, path: Path, line: int) -> Any:
     if key not in rec or rec[key] in (None, ""):
         raise DataError(str(path), line, key, "missing")
     return rec[key]
+
+
+T = TypeVar("T")
+
+
+def hold_out(records: list[T], every: int | None) -> tuple[list[T], list[T]]:
+    """Split a benchmark that has no separate few-shot split into (scored, held out): every ``every``-th
+    record (the 0th, the ``every``-th, ...; None: only the 0th) is held out as the few-shot and
+    selection-target set and never scored."""
+    held = [i for i in range(len(records)) if (i == 0 if every is None else i % every == 0)]
+    kept = set(held)
+    return [r for i, r in enumerate(records) if i not in kept], [records[i] for i in held]
 
 
 def _require_dir(path: Path) -> Path:
@@ -119,20 +131,31 @@ def read_bbh(data_dir: Path) -> list[Subtask]:
     return subtasks
 
 
-def _squad_records(path: Path) -> list[Record]:
+def _squad_passages(path: Path) -> list[list[Record]]:
+    """The questions of a SQuAD-format file grouped by passage (context text, first-seen order; TyDiQA
+    repeats a passage as several one-question paragraphs)."""
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh).get("data")
     if not data:
         raise DataError(str(path), None, "data", "missing or empty")
-    records = []
+    passages: dict[str, list[Record]] = {}
     for article in data:
         for para in article["paragraphs"]:
             for qa in para["qas"]:
                 answers = [a["text"] for a in qa.get("answers", [])]
                 if not answers:
                     raise DataError(str(path), None, f"qas[{qa.get('id')}].answers", "empty")
-                records.append({"id": qa["id"], "context": para["context"], "question": qa["question"], "answers": answers})
-    return records
+                passages.setdefault(para["context"], []).append(
+                    {"id": qa["id"], "context": para["context"], "question": qa["question"], "answers": answers})
+    return list(passages.values())
+
+
+def _qa_subtask(name: str, path: Path, every: int | None, scorer: str) -> Subtask:
+    """Extractive QA with held-out passages (:func:`hold_out` over passages): the first question of each
+    held-out passage is a few-shot / target example, and none of its questions is scored (no scored
+    question shares a passage with an example)."""
+    scored, held = hold_out(_squad_passages(path), every)
+    return Subtask(name, [q for passage in scored for q in passage], [passage[0] for passage in held], process_results=scorer)
 
 
 TYDIQA_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi", "indonesian": "id",
@@ -140,20 +163,23 @@ TYDIQA_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish":
 _QA_SCORER = "lm_eval.tasks.tydiqa.utils.process_results_{}"
 
 
+SQUAD_HELD_OUT_EVERY = 20
+"""SQuAD (XQuAD-en, 240 passages): every 20th passage is held out: 12 examples; none of their questions is scored."""
+
+
 def read_tydiqa(data_dir: Path) -> list[Subtask]:
-    """TyDiQA-GoldP dev per language, 1-shot from the same language's dev set, F1."""
+    """TyDiQA-GoldP dev per language, F1. The first dev question of each language is held out with every
+    question on its passage, never scored: the 1-shot example and the selection target (9 in all, as
+    LESS). ``train_partial`` has only 3 of the 9 languages, so the examples come from dev."""
     root = _require_dir(data_dir / "tydiqa_goldp" / "dev")
-    return [
-        Subtask(code, _squad_records(_require_dir(root / f"{lang}_tydiqa_dev.json")),
-                process_results=_QA_SCORER.format(code))
-        for lang, code in TYDIQA_LANGUAGES.items()
-    ]
+    return [_qa_subtask(code, _require_dir(root / f"{lang}_tydiqa_dev.json"), None, _QA_SCORER.format(code))
+            for lang, code in TYDIQA_LANGUAGES.items()]
 
 
 def read_squad(data_dir: Path) -> list[Subtask]:
-    """SQuAD v1.1 dev subset (XQuAD English), 1-shot from the same file, F1."""
+    """SQuAD v1.1 dev subset (XQuAD English), F1; every ``SQUAD_HELD_OUT_EVERY``-th passage held out."""
     path = _require_dir(data_dir / "squad_v1.1_dev_subset_xquad_en" / "xquad.en.json")
-    return [Subtask("", _squad_records(path), process_results=_QA_SCORER.format("en"))]
+    return [_qa_subtask("", path, SQUAD_HELD_OUT_EVERY, _QA_SCORER.format("en"))]
 
 
 def read_gsm8k(data_dir: Path) -> list[Subtask]:
@@ -171,14 +197,27 @@ def _letters(n: int) -> str:
     return "ABCDEFGH"[:n]
 
 
+ARC_HELD_OUT_EVERY = 50
+"""ARC-Challenge (1,172 test questions, no other split here): every 50th held out, 24 examples."""
+HELLASWAG_HELD_OUT_EVERY = 400
+"""HellaSwag (10,042 validation items): every 400th held out, 26 examples."""
+PIQA_HELD_OUT_EVERY = 75
+"""PIQA (1,838 validation questions; the train questions are not in the data folder): every 75th held out, 25."""
+
+
+def _multiple_choice(records: list[Record], path: Path, every: int) -> list[Subtask]:
+    scored, held = hold_out(_check_gold(records, path), every)
+    return [Subtask("", scored, held)]
+
+
 def read_arc_challenge(data_dir: Path) -> list[Subtask]:
-    """ARC-Challenge test (already {query, choices, gold})."""
+    """ARC-Challenge test (already {query, choices, gold}); every ``ARC_HELD_OUT_EVERY``-th question held out."""
     path = _require_dir(data_dir / "arc" / "arc_challenge.jsonl")
     records = []
     for i, r in _read_jsonl(path):
         query = _need(r, "query", path, i)
         records.append({"query": f"{query}\nAnswer:", "choices": _need(r, "choices", path, i), "gold": int(r.get("gold", -1))})
-    return [Subtask("", _check_gold(records, path))]
+    return _multiple_choice(records, path, ARC_HELD_OUT_EVERY)
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -188,7 +227,8 @@ def _hellaswag_clean(text: str) -> str:
 
 
 def read_hellaswag(data_dir: Path) -> list[Subtask]:
-    """HellaSwag validation (6 lines per item: context, label, 4 endings)."""
+    """HellaSwag validation (6 lines per item: context, label, 4 endings); every
+    ``HELLASWAG_HELD_OUT_EVERY``-th item held out."""
     path = _require_dir(data_dir / "hellaswag" / "hellaswag_val_full.txt")
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines and lines[-1] == "":
@@ -201,11 +241,11 @@ def read_hellaswag(data_dir: Path) -> list[Subtask]:
         if not label.strip().isdigit():
             raise DataError(str(path), start + 2, "label", f"expected 0-3, got '{label}'")
         records.append({"query": _hellaswag_clean(ctx), "choices": [_hellaswag_clean(e) for e in endings], "gold": int(label)})
-    return [Subtask("", _check_gold(records, path))]
+    return _multiple_choice(records, path, HELLASWAG_HELD_OUT_EVERY)
 
 
 def read_piqa(data_dir: Path) -> list[Subtask]:
-    """PIQA validation with the labels from valid-labels.lst."""
+    """PIQA validation with the labels from valid-labels.lst; every ``PIQA_HELD_OUT_EVERY``-th held out."""
     root = _require_dir(data_dir / "piqa")
     rows = _read_jsonl(root / "valid.jsonl")
     labels = (root / "valid-labels.lst").read_text(encoding="utf-8").split()
@@ -215,12 +255,10 @@ def read_piqa(data_dir: Path) -> list[Subtask]:
     records = [{"query": f"Question: {_need(r, 'goal', path, i)}\nAnswer:",
                 "choices": [_need(r, "sol1", path, i), _need(r, "sol2", path, i)], "gold": int(lab)}
                for (i, r), lab in zip(rows, labels)]
-    return [Subtask("", _check_gold(records, path))]
+    return _multiple_choice(records, path, PIQA_HELD_OUT_EVERY)
 
 
-def read_commonsenseqa(data_dir: Path) -> list[Subtask]:
-    """CommonsenseQA dev (the test file has no answers)."""
-    path = _require_dir(data_dir / "commonsenseqa" / "dev_rand_split.jsonl")
+def _commonsenseqa_records(path: Path) -> list[Record]:
     records = []
     for i, r in _read_jsonl(path):
         q = _need(r, "question", path, i)
@@ -230,12 +268,17 @@ def read_commonsenseqa(data_dir: Path) -> list[Subtask]:
             raise DataError(str(path), i, "answerKey", f"'{key}' is not one of {labels}")
         choices = [c["text"] for c in q["choices"]]
         records.append({"query": f"Question: {q['stem']}\nAnswer:", "choices": choices, "gold": labels.index(key)})
-    return [Subtask("", records)]
+    return records
 
 
-def read_aqua(data_dir: Path) -> list[Subtask]:
-    """AQuA-RAT test: the options are shown, the answer letter is scored."""
-    path = _require_dir(data_dir / "aqua_rat" / "test.json")
+def read_commonsenseqa(data_dir: Path) -> list[Subtask]:
+    """CommonsenseQA dev (the test file has no answers); few-shot records from train."""
+    root = _require_dir(data_dir / "commonsenseqa")
+    return [Subtask("", _commonsenseqa_records(_require_dir(root / "dev_rand_split.jsonl")),
+                    _commonsenseqa_records(_require_dir(root / "train_rand_split.jsonl")))]
+
+
+def _aqua_records(path: Path) -> list[Record]:
     records = []
     for i, r in _read_jsonl(path):
         options = _need(r, "options", path, i)
@@ -246,7 +289,13 @@ def read_aqua(data_dir: Path) -> list[Subtask]:
         shown = " ".join(f"({o.replace(')', ') ', 1)}" for o in options)
         records.append({"query": f"Question: {r['question']}\nAnswer Choices: {shown}\nAnswer:",
                         "choices": list(letters), "gold": letters.index(correct)})
-    return [Subtask("", records)]
+    return records
+
+
+def read_aqua(data_dir: Path) -> list[Subtask]:
+    """AQuA-RAT test: the options are shown, the answer letter is scored; few-shot records from dev."""
+    root = _require_dir(data_dir / "aqua_rat")
+    return [Subtask("", _aqua_records(_require_dir(root / "test.json")), _aqua_records(_require_dir(root / "dev.json")))]
 
 
 def _check_gold(records: list[Record], path: Path) -> list[Record]:
