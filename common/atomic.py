@@ -102,3 +102,30 @@ def remove_stale_temps(folder: str | Path, names: str | Iterable[str] | None = N
         logger.info("removed %s, left by an interrupted run", entry)
         removed.append(entry)
     return removed
+
+
+def append_line(path: str | Path, line: str) -> Path:
+    """Append one line (no newline inside) to ``path`` as one locked write, so concurrent writers never
+    interleave; a torn last line that a killed writer left (no final newline) is cut off first."""
+    import fcntl
+
+    if "\n" in line:
+        raise ValueError("append_line: the line must not contain a newline")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (line + "\n").encode("utf-8")
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fh.seek(0)
+            content = fh.read()
+            if content and not content.endswith(b"\n"):
+                fh.truncate(content.rfind(b"\n") + 1)
+                logger.info("%s: cut off a torn last line left by an interrupted writer", path)
+            fh.seek(0, os.SEEK_END)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return path

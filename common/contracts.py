@@ -10,7 +10,10 @@ The content of each file has one owner: ``meta.json`` is ``iaif.selection.featur
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 STORE_META_FILE = "meta.json"
 """Feature store (``iaif extract``): what made it; written last, so it marks a finished store."""
@@ -28,6 +31,8 @@ EVAL_RESULTS_FILE = "lm_eval_results.json"
 """Evaluation: lm-eval's full results."""
 DEMO_MANIFEST_FILE = "manifest.json"
 """Demo data (``iaif make-demo-data``): what was generated; a folder with it is complete."""
+SUBSETS_FILE = "subsets.jsonl"
+"""Subset retraining (``iaif subsets``): one ``SubsetRow`` per line, appended as subsets finish."""
 
 DONE_MARKERS: dict[str, str] = {
     "make-demo-data": DEMO_MANIFEST_FILE,
@@ -42,3 +47,45 @@ DONE_MARKERS: dict[str, str] = {
 def done_marker(stage: str, folder: str | Path) -> Path:
     """The file that marks ``stage``'s output in ``folder`` as finished."""
     return Path(folder) / DONE_MARKERS[stage]
+
+
+@dataclass(frozen=True)
+class SubsetRow:
+    """One row of ``subsets.jsonl``: a subset of the pool fine-tuned on, and the mean target loss after
+    training. The row with ``subset == -1`` holds the base model's loss (no training, ``ids`` empty)."""
+
+    subset: int
+    ids: list[str]
+    target_loss: float
+    task_losses: dict[str, float]
+    recipe_hash: str
+    seconds: float
+
+    @property
+    def is_base(self) -> bool:
+        return self.subset < 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+def read_subset_rows(path: str | Path) -> list[SubsetRow]:
+    """Rows of a ``subsets.jsonl`` (a torn last line without newline is ignored); a bad row is an error
+    naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such subset table (run iaif subsets)")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")[:-1]  # the part after the last newline is unfinished
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec: Any = json.loads(line)
+            rows.append(SubsetRow(int(rec["subset"]), [str(i) for i in rec["ids"]], float(rec["target_loss"]),
+                                  {str(k): float(v) for k, v in rec["task_losses"].items()},
+                                  str(rec["recipe_hash"]), float(rec["seconds"])))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}:{lineno}: not a subset row ({type(err).__name__}: {err})") from None
+    return rows

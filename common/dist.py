@@ -27,3 +27,34 @@ def is_main_process() -> bool:
 def wait_for_everyone() -> None:
     """Barrier across all processes (returns at once in a plain run)."""
     process_state().wait_for_everyone()
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                    "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def detach_processes() -> tuple[int, int]:
+    """Rank and number of processes of this launch, after which each process works alone.
+
+    For sharded jobs whose processes never communicate (e.g. one fine-tune per subset): the launch
+    variables are removed, so this process's ``PartialState`` (and the Trainer's) is a single process,
+    and on a multi-GPU launch the process keeps its own GPU. Call it before anything else asks for the
+    process state; a plain run is process 0 of 1."""
+    import os
+
+    from accelerate.state import PartialState
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and PartialState._shared_state:
+        raise RuntimeError("detach_processes: the process state was already created; call it first")
+    local = os.environ.get("LOCAL_RANK")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if world > 1 and local is not None and visible:
+        devices = visible.split(",")
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(local) % len(devices)]
+    elif world > 1 and local is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = local
+    for name in LAUNCH_VARIABLES:
+        os.environ.pop(name, None)
+    return rank, world

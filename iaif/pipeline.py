@@ -47,6 +47,8 @@ from iaif.training.data import Template
 logger = logging.getLogger(__name__)
 
 ALL_METHODS: list[Method] = list(get_args(Method))
+DEFAULT_METHODS: list[Method] = [m for m in ALL_METHODS if m != "airrep"]
+"""airrep needs a model trained on retrained subsets (iaif subsets, iaif airrep): named only on request."""
 SEEDED_METHODS = {"random"}
 STEPS = ["setup", "warmup", "extract", "select", "train", "eval", "report"]
 
@@ -63,7 +65,7 @@ class PipelineConfig:
     """Candidate pool file (any format the data layer reads). Demo: the generated pool."""
     targets: dict[str, str] = field(default_factory=dict)
     """Target task name -> validation file used for selection. Demo: the generated validation sets."""
-    methods: list[Method] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[Method] = field(default_factory=lambda: list(DEFAULT_METHODS))
     """Selection methods to compare (interaction, less, first-order, random, rds, embed)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """Fine-tuning seeds (and selection seeds of the seeded methods)."""

@@ -18,9 +18,12 @@ if TYPE_CHECKING:
     from iaif.demo.demo_data import DemoDataConfig
     from iaif.demo.tiny_model import TinyModelConfig
     from iaif.evaluation.fidelity.benchmark import FidelityConfig
+    from iaif.evaluation.lds.benchmark import LdsConfig
+    from iaif.evaluation.lds.subsets import SubsetsConfig
     from iaif.evaluation.lm_eval_runner import EvalConfig
     from iaif.evaluation.select_bench.benchmark import SelectBenchConfig
     from iaif.evaluation.targets import TargetsConfig
+    from iaif.selection.airrep.stage import AirRepConfig
     from iaif.selection.attribute import AttributeConfig
     from iaif.selection.features.extract import ExtractConfig
     from iaif.selection.select import SelectConfig
@@ -105,6 +108,24 @@ def _select_bench() -> Loaded[SelectBenchConfig]:
     return SelectBenchConfig, run_select_bench
 
 
+def _subsets() -> Loaded[SubsetsConfig]:
+    from iaif.evaluation.lds.subsets import SubsetsConfig, run_subsets
+
+    return SubsetsConfig, run_subsets
+
+
+def _airrep() -> Loaded[AirRepConfig]:
+    from iaif.selection.airrep.stage import AirRepConfig, run_airrep
+
+    return AirRepConfig, run_airrep
+
+
+def _lds() -> Loaded[LdsConfig]:
+    from iaif.evaluation.lds.benchmark import LdsConfig, run_lds
+
+    return LdsConfig, run_lds
+
+
 STAGES: dict[str, Stage[Any]] = {
     "build-tiny-model": Stage("build (or reuse) the small offline Llama-style base model and tokenizer", _tiny_model),
     "make-demo-data": Stage("generate the demo instruction pool and target tasks", _demo_data),
@@ -117,5 +138,8 @@ STAGES: dict[str, Stage[Any]] = {
     "train": Stage("LoRA / QLoRA fine-tuning on a dataset or a selected subset", _train),
     "eval": Stage("lm-evaluation-harness on a base model plus adapter", _eval),
     "fidelity": Stage("estimators against leave-group-out retraining on small models", _fidelity),
+    "subsets": Stage("fine-tune one LoRA adapter per random pool subset and record the target loss (LDS data)", _subsets),
+    "airrep": Stage("train the AirRep group-attribution model on subset tables", _airrep),
+    "lds": Stage("linear datamodeling score of every group estimator on held-out retrained subsets", _lds),
     "select-bench": Stage("selection methods on small models: retrain on seed set + picks, held-out target loss", _select_bench),
 }

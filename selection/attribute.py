@@ -51,6 +51,10 @@ class AttributeConfig:
     """cpu or cuda[:i]."""
     chunk_rows: int = 16384
     """Rows per chunk when reading features."""
+    airrep_model: str = ""
+    """Also report AirRep's pooled group score (the folder or airrep.pt of `iaif airrep`; needs pool)."""
+    pool: str = ""
+    """The pool file holding the group's examples (for airrep_model)."""
 
 
 def attribute_group(scores: torch.Tensor, curv: torch.Tensor, ids: list[str], scale: float | None,
@@ -90,6 +94,10 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     terms = influence_terms(cfg.curvature, src, ids, [t.id for t in targets], [WHOLE] * len(targets))
     report = attribute_group(terms.scores[WHOLE], terms.curv, ids, terms.scale, cfg.top_pairs)
     report["curvature"] = cfg.curvature
+    if cfg.airrep_model:
+        from iaif.selection.airrep.method import airrep_group_score
+
+        report["airrep"] = airrep_group_score(cfg.airrep_model, cfg.pool, ids, cfg.targets, device=cfg.device)
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "attribute")
     remove_stale_temps(out, [ATTRIBUTION_FILE])
@@ -98,6 +106,8 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     print(f"  first-order estimate (sum of individual influences): {report['first_order']:.6g}")
     print(f"  interaction part (½ Σ κ):                             {report['interaction']:.6g}")
     print(f"  interaction-aware estimate:                          {report['interaction_aware']:.6g}")
+    if "airrep" in report:
+        print(f"  AirRep pooled group score (loss lowered by training on it): {report['airrep']:.6g}")
     print("  largest pairwise interactions κ(a, b):")
     for p in report["top_pairs"]:
         print(f"    {p['kappa']:+.6g}  {p['a']}  {p['b']}")

@@ -36,7 +36,7 @@ from iaif.training.data import DataConfig, Example, Template, load_examples
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["interaction", "less", "first-order", "random", "rds", "embed"]
+Method = Literal["interaction", "less", "first-order", "random", "rds", "embed", "airrep"]
 """The selection methods, the one list (the pipeline compares them all by default)."""
 META_FIELD = "_iaif"
 
@@ -108,6 +108,8 @@ class SelectConfig:
     """Rows per chunk when reading features and recomputing gains."""
     seed: int = 0
     """Seed of random selection, stochastic greedy and the selector's bound basis."""
+    airrep_model: str = ""
+    """airrep: the trained model (folder or airrep.pt of `iaif airrep`)."""
     allow_missing_features: bool = False
     """Select among the pool examples the pool stores have, when others are not in them at all
     (examples excluded at extraction, listed in excluded.json, are never candidates)."""
@@ -315,9 +317,16 @@ def _select_embed(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example]
                                                                  cfg.max_length))
 
 
+def _select_airrep(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:
+    """airrep: greedy on AirRep's pooled group score (iaif.selection.airrep.method)."""
+    from iaif.selection.airrep.method import airrep_select
+
+    return airrep_select(cfg, pool)
+
+
 METHODS: dict[str, Selector] = {
     "interaction": _select_features, "first-order": _select_features, "less": _select_features,
-    "random": _select_random, "rds": _select_rds, "embed": _select_embed,
+    "random": _select_random, "rds": _select_rds, "embed": _select_embed, "airrep": _select_airrep,
 }
 """Method name -> selector; a new baseline is one function and one entry here (keys: exactly ``Method``)."""
 

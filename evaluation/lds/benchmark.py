@@ -1,0 +1,197 @@
+"""``iaif lds``: linear datamodeling score of every group estimator on held-out retrained subsets.
+
+For each subset table of ``iaif subsets`` (one per subset size) the subsets are split once
+(``iaif.selection.airrep.train.is_heldout``): AirRep trains on one part, every estimator is scored on
+the other (held-out) part only. Per table and estimator: Spearman ρ between the predicted effect
+(``iaif.evaluation.lds.estimators``) and the measured one (target loss after fine-tuning on the subset
+− the base model's), with a bootstrap interval over held-out subsets.
+
+Output (``OUTPUT_DIR``): ``lds.json`` (per table: sizes, λ, the split, ρ and interval per estimator,
+every held-out subset's measured and predicted effects), ``lds.md`` (the table), ``scatter-<estimator>.png``
+(one panel per table), ``config.yaml``, ``run_info.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from iaif.common.atomic import write_json, write_text
+from iaif.common.contracts import read_subset_rows
+from iaif.common.provenance import write_run_info
+from iaif.evaluation.lds.estimators import PoolTerms, predicted_effects
+from iaif.evaluation.lds.score import lds
+from iaif.selection.airrep.stage import embed
+from iaif.selection.airrep.train import AirRepTraining, group_table, split_rows, train_airrep, training_tables
+from iaif.selection.influence import FeatureGeometry, influence_matrix, open_checkpoints
+from iaif.selection.select import load_targets
+from iaif.training.data import DataConfig, Template, load_examples
+
+logger = logging.getLogger(__name__)
+RESULTS_FILE = "lds.json"
+TABLE_FILE = "lds.md"
+
+
+@dataclass
+class LdsConfig:
+    """Settings of `iaif lds`."""
+
+    tables: list[str] = field(default_factory=list)
+    """subsets.jsonl files of `iaif subsets` (one per subset size), all from this pool and these targets."""
+    pool: str = ""
+    """The pool the subsets were drawn from (ids match the pool feature stores)."""
+    targets: list[str] = field(default_factory=list)
+    """The target files the subsets' losses were measured on (ids match the target stores)."""
+    pool_stores: list[str] = field(default_factory=list)
+    """Pool feature stores, one per warm-up checkpoint (as in `iaif select`)."""
+    target_stores: list[str] = field(default_factory=list)
+    """Target feature stores (true labels)."""
+    sampled_target_stores: list[str] = field(default_factory=list)
+    """Sampled-label target stores (Gauss-Newton κ); none: the GN estimators are left out."""
+    normalise: bool = False
+    """Feature geometry of the influence estimators, as `iaif select`'s normalise (LESS always uses cosines)."""
+    whiten: float | None = None
+    """As `iaif select`'s whiten."""
+    model: str = ""
+    """Base model: its hidden states are the rds representation and AirRep's frozen encoder."""
+    template: Template = "tulu"
+    """Rendering for the base model's representations."""
+    max_length: int = 2048
+    """Token limit for the representations."""
+    batch_size: int = 16
+    """Examples per forward pass of the base model."""
+    airrep: AirRepTraining = field(default_factory=AirRepTraining)
+    """AirRep's head and optimisation (trained here on the non-held-out subsets of every table)."""
+    holdout_fraction: float = 0.5
+    """Share of each table's subsets held out for the LDS (the rest train AirRep)."""
+    split_seed: int = 0
+    """Seed of the split."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the held-out subsets for the intervals."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+    device: str = "cpu"
+    """cpu or cuda[:i] for Φ and the base model."""
+    chunk_rows: int = 16384
+    """Rows per chunk when reading features."""
+    output_dir: str = "runs/lds"
+    """Folder of lds.json, lds.md, the scatter plots, config.yaml, run_info.json."""
+
+
+def _task_columns(tasks: list[str]) -> dict[str, list[int]]:
+    cols: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        cols.setdefault(t, []).append(i)
+    return cols
+
+
+def pool_terms(cfg: LdsConfig, pool_ids: list[str], pool_x: torch.Tensor, target_x: torch.Tensor,
+               target_ids: list[str], target_tasks: list[str]) -> PoolTerms:
+    """Φ (selector geometry and cosine), the optional sampled-label Φ and the representation similarity."""
+    ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
+    geometry = FeatureGeometry(cfg.normalise, cfg.whiten)
+    phi = influence_matrix(ckpts, pool_ids, target_ids, cfg.chunk_rows, cfg.device, geometry).cpu()
+    phi_cos = influence_matrix(ckpts, pool_ids, target_ids, cfg.chunk_rows, cfg.device, FeatureGeometry()).cpu()
+    sampled = None
+    if cfg.sampled_target_stores:
+        gn = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores, sampled=True)
+        sampled = influence_matrix(gn, pool_ids, gn[0].target_ids, cfg.chunk_rows, cfg.device, geometry).cpu()
+    similarity = (pool_x @ target_x.T).max(dim=1).values
+    return PoolTerms(phi, phi_cos, _task_columns(target_tasks), sampled, similarity)
+
+
+def run_lds(cfg: LdsConfig) -> Path:
+    """Score every estimator on the held-out subsets of every table (module docstring)."""
+    from iaif.selection.checks import check_stores, pool_candidates
+
+    if not cfg.tables:
+        raise ValueError("tables: give at least one subsets.jsonl of iaif subsets")
+    if not cfg.pool:
+        raise ValueError("pool: give the pool file the subsets were drawn from")
+    start = time.perf_counter()
+    pool = load_examples(DataConfig(path=cfg.pool))
+    targets = load_targets(cfg.targets)
+    check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
+    pool_candidates(pool, cfg.pool_stores, allow_missing=False)
+    pool_ids = [e.id for e in pool]
+    pool_x = embed(pool, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)
+    target_x = embed(targets, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)
+    terms = pool_terms(cfg, pool_ids, pool_x, target_x, [t.id for t in targets], [t.task for t in targets])
+    timing = {"features_seconds": round(time.perf_counter() - start, 2)}
+    start = time.perf_counter()
+    train_tables, train_keys = training_tables(cfg.tables, pool_ids, cfg.holdout_fraction, cfg.split_seed)
+    model, curve = train_airrep(pool_x, target_x, train_tables, cfg.airrep)
+    terms.airrep = lambda members: model.group_scores(pool_x[members], target_x)
+    timing["airrep_train_seconds"] = round(time.perf_counter() - start, 2)
+    row_of = {i: n for n, i in enumerate(pool_ids)}
+    results: list[dict[str, Any]] = []
+    for path in cfg.tables:
+        base, train, held = split_rows(read_subset_rows(path), cfg.holdout_fraction, cfg.split_seed)
+        overlap = {(str(path), r.subset) for r in held} & set(train_keys)
+        if overlap:
+            raise RuntimeError(f"{path}: AirRep was trained on held-out subsets {sorted(overlap)[:3]}")
+        groups = group_table(held, base, row_of, path)
+        measured = groups.effects.double().numpy()
+        preds, lams = predicted_effects(terms, groups.members)
+        scores = {name: asdict(lds(p, measured, cfg.bootstrap, cfg.seed)) for name, p in preds.items()}
+        results.append({
+            "table": str(path), "size": int(groups.members.shape[1]), "pool_size": len(pool),
+            "base_loss": base.target_loss, "train_subsets": [r.subset for r in train],
+            "heldout_subsets": [r.subset for r in held], "lambda": lams, "lds": scores,
+            "measured": measured.tolist(), "predicted": {n: p.tolist() for n, p in preds.items()},
+        })
+        logger.info("%s (size %d, %d held out): %s", path, groups.members.shape[1], len(held),
+                    ", ".join(f"{n} {s['spearman']:.3f}" for n, s in scores.items()))
+    out = Path(cfg.output_dir)
+    write_run_info(out, cfg, "lds")
+    write_text(out / TABLE_FILE, markdown_table(results))
+    for name in results[0]["lds"]:
+        scatter(results, name, out / f"scatter-{_slug(name)}.png")
+    write_json(out / RESULTS_FILE, {"results": results, "airrep_loss": [curve[0], curve[-1]], **timing}, indent=2)
+    print(markdown_table(results))
+    return out
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.replace("λ", "lambda").lower()).strip("-")
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """Estimators as rows, one column per table: ρ [low, high]."""
+    head = [f"size {r['size']} ({100 * r['size'] / r['pool_size']:.0f} %, {len(r['heldout_subsets'])} held out)"
+            for r in results]
+    lines = ["| estimator | " + " | ".join(head) + " |", "|---|" + "---|" * len(results)]
+    for name in results[0]["lds"]:
+        cells = []
+        for r in results:
+            s = r["lds"].get(name)
+            cells.append("–" if s is None else f"{s['spearman']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scatter(results: list[dict[str, Any]], name: str, path: Path) -> None:
+    """Predicted against measured effect, one panel per table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        s = r["lds"][name]
+        ax.scatter(np.asarray(r["predicted"][name]), np.asarray(r["measured"]), s=14)
+        ax.set_title(f"size {r['size']}: ρ = {s['spearman']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}]", fontsize=9)
+        ax.set_xlabel(f"predicted Δ target loss ({name})")
+        ax.set_ylabel("measured Δ target loss")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

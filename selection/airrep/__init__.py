@@ -1,0 +1,1 @@
+"""AirRep (Sun et al. 2025, arXiv 2505.18513): a learned representation for group attribution."""

@@ -1,0 +1,69 @@
+"""LDS: Spearman of a known linear estimator on synthetic groups against a hand computation, and the
+estimators' group predictions against explicit loops over pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iaif.evaluation.lds.estimators import PoolTerms, predicted_effects
+from iaif.evaluation.lds.score import lds, spearman
+
+
+def _hand_spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """1 − 6 Σ d² / (n (n² − 1)) on ranks counted by hand (no ties)."""
+    n = len(x)
+    rank_x = [sum(1 for v in x if v < xi) for xi in x]
+    rank_y = [sum(1 for v in y if v < yi) for yi in y]
+    d2 = sum((a - b) ** 2 for a, b in zip(rank_x, rank_y))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def test_lds_of_a_linear_estimator_equals_the_hand_computation():
+    rng = np.random.default_rng(0)
+    n, groups, size = 40, 25, 6
+    beta = rng.normal(size=n)  # true per-example effects
+    weights = beta + rng.normal(scale=0.8, size=n)  # the estimator's noisy per-example effects
+    members = np.stack([rng.choice(n, size, replace=False) for _ in range(groups)])
+    measured = beta[members].sum(axis=1) + 0.3 * (beta[members] ** 2).sum(axis=1)  # with a non-additive part
+    predicted = weights[members].sum(axis=1)
+    result = lds(predicted, measured, resamples=200, seed=1)
+    assert result.spearman == pytest.approx(_hand_spearman(predicted, measured), abs=1e-12)
+    assert result.low <= result.spearman <= result.high and result.subsets == groups
+    assert lds(predicted, measured, resamples=200, seed=1) == result  # seeded bootstrap
+    assert lds(predicted, -measured, resamples=50).spearman == pytest.approx(-result.spearman)
+
+
+def test_undefined_and_too_small_inputs():
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+    with pytest.raises(ValueError, match="at least 3"):
+        lds(np.arange(2.0), np.arange(2.0))
+
+
+def test_estimators_predict_minus_the_objective_by_explicit_pair_loops():
+    torch.manual_seed(0)
+    n, m = 12, 5
+    phi = torch.randn(n, m) + 0.3
+    sampled = torch.randn(n, 2 * m)
+    terms = PoolTerms(phi=phi, phi_cosine=phi / phi.norm(dim=1, keepdim=True), subtasks={"a": [0, 1], "b": [2, 3, 4]},
+                      sampled=sampled, similarity=torch.randn(n))
+    members = torch.tensor([[0, 3, 5], [1, 2, 11], [4, 6, 7]])
+    preds, lams = predicted_effects(terms, members)
+    for g, group in enumerate(members.tolist()):
+        first = sum(float(phi[a].mean()) for a in group)
+        ef = sum(float(phi[a] @ phi[b]) / m for a in group for b in group) / 2
+        gn = sum(float(sampled[a] @ sampled[b]) / (2 * m) for a in group for b in group) / 2
+        assert preds["first-order"][g] == pytest.approx(-first, rel=1e-5)
+        assert preds["interaction-ef"][g] == pytest.approx(-first + ef, rel=1e-5)
+        assert preds["interaction-ef-λ"][g] == pytest.approx(-first + lams["ef"] * ef, rel=1e-5)
+        assert preds["interaction-gn"][g] == pytest.approx(-first + gn, rel=1e-5)
+        assert preds["interaction-gn-λ"][g] == pytest.approx(-first + lams["gn"] * gn, rel=1e-5)
+        less = sum(max(float(terms.phi_cosine[a, :2].mean()), float(terms.phi_cosine[a, 2:].mean())) for a in group)
+        assert preds["less"][g] == pytest.approx(-less, rel=1e-5)
+        assert preds["rds"][g] == pytest.approx(-float(terms.similarity[group].sum()), rel=1e-5)
+    # λ: the selector's rule, S_k / Q_k of the first-order top-3 set
+    top = torch.topk(phi.mean(dim=1), 3).indices
+    s_k = float(phi[top].mean(dim=1).sum())
+    q_k = float(phi[top].sum(dim=0) @ phi[top].sum(dim=0)) / m
+    assert lams["ef"] == pytest.approx(s_k / q_k, rel=1e-5)
