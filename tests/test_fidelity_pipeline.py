@@ -13,6 +13,7 @@ from iaif.evaluation.fidelity import retrain
 from iaif.evaluation.fidelity.benchmark import FidelityConfig, run_fidelity
 from iaif.evaluation.fidelity.datasets import load_split, read_idx
 from iaif.evaluation.fidelity.groups import GroupSettings, draw_groups, size_grid
+from iaif.evaluation.fidelity.report import SUBSETS
 from iaif.training.data import DataError
 
 
@@ -66,20 +67,21 @@ def test_groups_sizes_kinds_and_coherence():
 
 
 def test_run_fidelity_writes_outputs_and_reuses_the_cache(tmp_path, monkeypatch):
-    cfg = FidelityConfig(output_dir=str(tmp_path / "out"), pairs=["breast_cancer_logreg"],
-                         groups=GroupSettings(random_groups=4, coherent_groups=6, num_sizes=4))
+    cfg = FidelityConfig(output_dir=str(tmp_path / "out"), pairs=["breast_cancer_logreg"], quick=True)
     out = run_fidelity(cfg)
-    for name in ("table.md", "results.json", "scatter_breast_cancer_logreg.png", "run_info.json", "config.yaml"):
+    for name in ("table.md", "results.json", "scatter_breast_cancer_logreg_l2-0.01.png", "run_info.json", "config.yaml"):
         assert (out / name).is_file()
-    first = json.loads((out / "results.json").read_text())["pairs"]["breast_cancer_logreg"]
-    assert len(first["groups"]) == 10
-    assert set(first["correlations"]["interaction_exact"]) == {"random", "coherent", "all"}
+    first = json.loads((out / "results.json").read_text())["pairs"]["breast_cancer_logreg_l2-0.01"]
+    assert len(first["groups"]) == 9  # the quick preset: 3 random + 6 coherent
+    assert set(first["correlations"]["interaction_exact"]) == set(SUBSETS)
+    assert first["info"]["converged_groups"] == sum(g["converged"] for g in first["groups"]) == 9
 
     def no_training(*args, **kwargs):
         raise AssertionError("a rerun must take every retraining from the cache")
 
     monkeypatch.setattr(retrain, "fit", no_training)
-    again = json.loads((run_fidelity(cfg) / "results.json").read_text())["pairs"]["breast_cancer_logreg"]
+    monkeypatch.setattr(retrain, "batched_retrain", no_training)
+    again = json.loads((run_fidelity(cfg) / "results.json").read_text())["pairs"]["breast_cancer_logreg_l2-0.01"]
     assert [g["actual"] for g in again["groups"]] == [g["actual"] for g in first["groups"]]
 
 
@@ -103,3 +105,11 @@ def test_retrain_cache_loads_theta_with_weights_only_explicitly(tmp_path, monkey
     theta = cache.full_model(problem=None, theta0=None, settings=None)
     assert torch.equal(theta, torch.arange(3.0))
     assert [c.get("weights_only") for c in calls] == [True]
+
+
+def test_weak_l2_regime_runs_non_convex_pairs_twice():
+    from iaif.evaluation.fidelity.benchmark import regimes
+
+    runs = regimes(["breast_cancer_logreg", "wine_mlp"], FidelityConfig(weak_l2=1e-3))
+    assert [name for name, _ in runs] == ["breast_cancer_logreg_l2-0.01", "wine_mlp_l2-0.01", "wine_mlp_l2-0.001"]
+    assert [spec.l2 for _, spec in runs] == [0.01, 0.01, 0.001]

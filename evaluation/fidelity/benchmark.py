@@ -1,8 +1,9 @@
 """``iaif fidelity``: removal estimators against leave-group-out retraining on small models.
 
-For each dataset-model pair: train to the optimum, draw random and coherent groups, retrain without
-each group (cached), evaluate the four estimators, and report Spearman/Pearson correlations per
-estimator on random and coherent groups, a scatter plot per pair and ``results.json``.
+For each dataset-model pair (and, for non-convex models, each L2 regime): train to the optimum,
+draw random and coherent groups, retrain without each group (batched, cached), evaluate the four
+estimators, and report Spearman/Pearson correlations per estimator by group kind and size bucket
+over the converged groups, a scatter plot per pair and regime, and ``results.json``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,11 @@ from iaif.common.provenance import write_run_info
 from iaif.evaluation.fidelity.datasets import default_data_dir, load_split
 from iaif.evaluation.fidelity.estimate import estimate_groups
 from iaif.evaluation.fidelity.groups import GroupSettings, draw_groups, projected_gradients
-from iaif.evaluation.fidelity.hessian import build_curvature
+from iaif.evaluation.fidelity.hessian import Curvature, CurvatureKind, build_curvature
 from iaif.evaluation.fidelity.models import FlatModel, ModelKind, build_model
 from iaif.evaluation.fidelity.objective import Problem
 from iaif.evaluation.fidelity.report import PairResult, markdown_table, scatter_plot, target_checks, write_results
-from iaif.evaluation.fidelity.retrain import FitSettings, RetrainCache, leave_group_out
+from iaif.evaluation.fidelity.retrain import FitSettings, RetrainCache, RetrainSettings, leave_group_out
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class PairSpec:
     n_train: int = 0
     n_target: int = 500
     downsample: int = 1
+    curvature: CurvatureKind = "hessian"
+    """curvature of the training objective: hessian | ggn (damped Gauss-Newton)"""
 
     @property
     def convex(self) -> bool:
@@ -49,7 +52,7 @@ class PairSpec:
 
     def describe(self) -> str:
         arch = self.model + (f" {list(self.hidden)} {self.activation}" if self.hidden else "")
-        return f"{self.dataset} / {arch} / L2 {self.l2:g}"
+        return f"{self.dataset} / {arch} / L2 {self.l2:g}" + (" / GGN" if self.curvature == "ggn" else "")
 
 
 PAIRS: dict[str, PairSpec] = {
@@ -59,6 +62,8 @@ PAIRS: dict[str, PairSpec] = {
     "concrete_mlp": PairSpec("concrete", "mlp", (32,), l2=1e-2, n_target=230),
     "parkinsons_mlp": PairSpec("parkinsons", "mlp", (32,), l2=1e-2, n_train=2000, n_target=1000),
     "digits_mlp": PairSpec("digits", "mlp", (32,), l2=1e-2, n_target=397),
+    "mnist_resnet": PairSpec("mnist", "resnet", (4, 4, 4, 4), "gelu", l2=1e-2, n_train=1000, n_target=1000, downsample=4,
+                             curvature="ggn"),
     "digits_resnet": PairSpec("digits", "resnet", (4, 8, 8, 8), "gelu", l2=1e-2, n_target=397),
     # offline, scikit-learn's bundled sets only
     "breast_cancer_logreg": PairSpec("breast_cancer", "logreg", l2=1e-2, n_target=169),
@@ -66,7 +71,7 @@ PAIRS: dict[str, PairSpec] = {
     "diabetes_mlp": PairSpec("diabetes", "mlp", (16,), l2=1e-2, n_target=142),
     "wine_mlp": PairSpec("wine", "mlp", (8,), l2=1e-2, n_target=58),
 }
-DATA_SUITE = ("mnist_logreg", "mnist_mlp", "concrete_mlp", "parkinsons_mlp", "digits_mlp", "digits_resnet")
+DATA_SUITE = ("mnist_logreg", "mnist_mlp", "concrete_mlp", "parkinsons_mlp", "digits_mlp", "mnist_resnet")
 OFFLINE_SUITE = ("breast_cancer_logreg", "digits_logreg", "digits_mlp", "diabetes_mlp", "wine_mlp", "digits_resnet")
 
 
@@ -83,6 +88,10 @@ class FidelityConfig:
     the data-folder suite when the folder exists, else the scikit-learn suite"""
     seed: int = 0
     """seed of the data split, the groups and the first initialisation"""
+    weak_l2: float = 1e-3
+    """second L2 regime: every non-convex pair is also run with this L2 weight (0 = off)"""
+    quick: bool = False
+    """smoke preset: 3 random + 6 coherent groups on 3 sizes per pair, one seed (the tests use it)"""
     nonconvex_seeds: int = 2
     """non-convex models: initialisations averaged (truth and estimates); convex models use one"""
     nonconvex_start: str = "optimum"
@@ -100,7 +109,9 @@ class FidelityConfig:
     groups: GroupSettings = field(default_factory=GroupSettings)
     """group kinds, counts and sizes"""
     fit: FitSettings = field(default_factory=FitSettings)
-    """L-BFGS settings for training and retraining"""
+    """L-BFGS settings of the full training"""
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    """batched leave-group-out retraining (preconditioned L-BFGS, per-group convergence test)"""
     cache_dir: str = ""
     """retraining cache; empty = OUTPUT_DIR/cache"""
     threads: int = 1
@@ -117,16 +128,34 @@ def resolve_pairs(cfg: FidelityConfig) -> tuple[list[str], Path]:
     return names, data_dir
 
 
+def regimes(names: list[str], cfg: FidelityConfig) -> list[tuple[str, PairSpec]]:
+    """(result name, spec) per pair and L2 regime: non-convex pairs also at ``weak_l2``."""
+    out = []
+    for name in names:
+        spec = PAIRS[name]
+        specs = [spec] + ([replace(spec, l2=cfg.weak_l2)] if cfg.weak_l2 > 0 and not spec.convex and cfg.weak_l2 != spec.l2 else [])
+        out += [(f"{name}_l2-{sp.l2:g}", sp) for sp in specs]
+    return out
+
+
+def preconditioner(curvature: Curvature):
+    """Rows [B, p] ↦ rows of (H + δI)⁻¹: the retraining's initial inverse Hessian."""
+    return lambda rows: curvature.ihvp(rows.T).T
+
+
 def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cache_root: Path) -> PairResult:
-    """Train, draw groups, retrain (cached) and estimate on one pair."""
+    """Train, draw groups, retrain (batched, cached) and estimate on one pair."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     split = load_split(spec.dataset, data_dir, spec.n_train, spec.n_target, cfg.seed, spec.downsample)
     input_shape = split.image_shape or tuple(split.x_train.shape[1:])
     model = FlatModel(build_model(spec.model, input_shape, split.num_outputs, spec.hidden, spec.activation))
     problem = Problem(model, split, spec.l2)
-    seeds = [cfg.seed] if spec.convex else [cfg.seed + s for s in range(cfg.nonconvex_seeds)]
-    key = [asdict(spec), cfg.seed, cfg.fit.tol_grad, cfg.fit.max_iter, torch.__version__]
+    seeds = [cfg.seed] if spec.convex or cfg.quick else [cfg.seed + s for s in range(cfg.nonconvex_seeds)]
+    warm = spec.convex or cfg.nonconvex_start == "optimum"
+    data_hash = hashlib.sha1(b"".join(t.numpy().tobytes() for t in (split.x_train, split.y_train, split.x_target, split.y_target)))
+    key = [asdict(spec), data_hash.hexdigest(), cfg.seed, asdict(cfg.fit), asdict(cfg.retrain), warm,
+           cfg.ihvp, cfg.damping, cfg.exact_max_params, cfg.cg_tol, cfg.cg_maxiter, torch.__version__]
     fingerprint = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     caches = [RetrainCache(cache_root / name, fingerprint, s) for s in seeds]
     inits = [model.init_params(s) for s in seeds]
@@ -140,13 +169,13 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     timings["groups_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    curvatures = [build_curvature(problem, th, cfg.ihvp, cfg.damping, cfg.exact_max_params, cfg.cg_tol, cfg.cg_maxiter)  # type: ignore[arg-type]
-                  for th in thetas]
+    curvatures = [build_curvature(problem, th, cfg.ihvp, cfg.damping, cfg.exact_max_params, cfg.cg_tol, cfg.cg_maxiter,  # type: ignore[arg-type]
+                                  spec.curvature) for th in thetas]
     timings["curvature_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    actual = leave_group_out(problem, index, thetas, inits, caches, spec.convex or cfg.nonconvex_start == "optimum",
-                             cfg.fit, label=f"{name} retrain").mean(axis=1)
+    truth = leave_group_out(problem, index, thetas if warm else inits, thetas, [preconditioner(c) for c in curvatures],
+                            caches, cfg.retrain, label=f"{name} retrain")
     timings["retrain_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -154,13 +183,15 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
                 for s, (th, c) in enumerate(zip(thetas, curvatures))]
     timings["estimate_s"] = time.perf_counter() - t0
     raised, method = max(c.raised_eigenvalues for c in curvatures), curvatures[0].method
-
+    converged = np.asarray(truth.converged.all(axis=1), dtype=bool)
     info = {"n": split.n, "m": len(split.y_target), "params": model.num_params, "seeds": seeds, "convex": spec.convex,
-            "ihvp": method, "damping": cfg.damping, "raised_eigenvalues_max": raised,
-            "f_full": [float(problem.target(t)) for t in thetas], **timings}
+            "l2": spec.l2, "ihvp": method, "damping": cfg.damping, "raised_eigenvalues_max": raised,
+            "f_full": [float(problem.target(t)) for t in thetas], "groups": len(index),
+            "converged_groups": int(converged.sum()), "retrain_iterations_median": float(np.median(truth.iterations)),
+            "retrain_iterations_max": int(truth.iterations.max()), "retrain_grad_max": float(truth.grad_max.max()), **timings}
     logger.info("%s: %s", name, info)
     return PairResult(name, spec.describe(), [g.kind for g in groups], [len(i) for i in index],
-                      actual, np.mean(per_seed, axis=0), info)
+                      truth.delta.mean(axis=1), np.mean(per_seed, axis=0), info, converged)
 
 
 def run_fidelity(cfg: FidelityConfig) -> Path:
@@ -168,22 +199,27 @@ def run_fidelity(cfg: FidelityConfig) -> Path:
     names, data_dir = resolve_pairs(cfg)
     if cfg.nonconvex_start not in ("optimum", "init"):
         raise ValueError(f"nonconvex_start: '{cfg.nonconvex_start}' is not one of optimum, init")
+    if cfg.quick:
+        cfg = replace(cfg, groups=replace(cfg.groups, random_groups=3, coherent_groups=6, num_sizes=3))
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "fidelity")
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     torch.set_num_threads(cfg.threads)
     results: list[PairResult] = []
     start = time.perf_counter()
-    for name in names:
-        logger.info("pair %s: %s", name, PAIRS[name].describe())
-        results.append(run_pair(name, PAIRS[name], cfg, data_dir, cache_root))
-        scatter_plot(results[-1], out / f"scatter_{name}.png")
-        write_results(results, {r.name: PAIRS[r.name].convex for r in results}, out)
+    runs = regimes(names, cfg)
+    convex = {run: spec.convex for run, spec in runs}
+    for run, spec in runs:
+        logger.info("pair %s: %s", run, spec.describe())
+        results.append(run_pair(run, spec, cfg, data_dir, cache_root))
+        scatter_plot(results[-1], out / f"scatter_{run}.png")
+        write_results(results, convex, out)
     table = markdown_table(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
     for res in results:
-        checks = target_checks(res, PAIRS[res.name].convex)
-        print(f"{res.name}: " + ", ".join(f"{k} {v['value']:+.3f} ({'met' if v['met'] else 'MISSED'})" for k, v in checks.items()))
+        checks = target_checks(res, convex[res.name])
+        print(f"{res.name} ({res.info['converged_groups']}/{res.info['groups']} converged): "
+              + ", ".join(f"{k} {v['value']:+.3f} ({'met' if v['met'] else 'MISSED'})" for k, v in checks.items()))
     print(f"total {time.perf_counter() - start:.0f} s; output in {out}")
     return out

@@ -4,6 +4,13 @@
   eigendecomposed once; H⁻¹v is then a matrix product. For small models (p up to a few thousand).
 * ``cg``: conjugate gradient (``scipy.sparse.linalg.cg``) on Hessian-vector products, for larger ones.
 
+The curvature of the training objective is either the Hessian (``hessian``) or the damped
+generalised Gauss-Newton matrix (``ggn``): G = (1/n) Σ_i J_iᵀ Λ_i J_i + λI, with J_i the Jacobian of
+example i's outputs and Λ_i the Hessian of its loss in the outputs (PSD for every loss here), so
+G + δI is positive definite even where the network's Hessian is not. The dense G is built from
+per-example Jacobians (C backward passes per example, far cheaper than p Hessian-vector products);
+``cg`` uses matrix-free GGN-vector products (J v by forward mode, Jᵀ(Λ J v) by reverse mode).
+
 Damping δ is a setting: (H + δI)⁻¹. At a non-convex model's (approximate) minimum H can have a few
 slightly negative eigenvalues; in the exact method eigenvalues below the L2 weight λ are raised to λ
 (the curvature of the never-removed regulariser, a lower bound whenever the data Hessian is PSD),
@@ -20,14 +27,15 @@ from typing import Literal
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, cg
-from torch.func import vmap
+from torch.func import hessian, jacrev, jvp, vjp, vmap
 
-from iaif.evaluation.fidelity.objective import Problem, hvp_of
+from iaif.evaluation.fidelity.objective import Problem, example_losses, hvp_of
 from iaif.selection.estimators import Hvp
 
 logger = logging.getLogger(__name__)
 
 Method = Literal["auto", "exact", "cg"]
+CurvatureKind = Literal["hessian", "ggn"]
 
 
 @dataclass
@@ -48,9 +56,10 @@ def dense_hessian(fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tenso
     return 0.5 * (h + h.T)
 
 
-def exact_curvature(problem: Problem, theta: torch.Tensor, damping: float, chunk: int = 64) -> Curvature:
-    """Dense H, eigendecomposed; (H + δI)⁻¹ exactly (eigenvalues floored at the L2 weight)."""
-    h = dense_hessian(problem.objective, theta, chunk)
+def exact_curvature(problem: Problem, theta: torch.Tensor, damping: float, chunk: int = 64,
+                    kind: CurvatureKind = "hessian") -> Curvature:
+    """Dense H (or G), eigendecomposed; (H + δI)⁻¹ exactly (eigenvalues floored at the L2 weight)."""
+    h = dense_hessian(problem.objective, theta, chunk) if kind == "hessian" else dense_ggn(problem, theta)
     evals, evecs = torch.linalg.eigh(h)
     floor = max(problem.l2, 1e-12)
     raised = int((evals < floor * (1 - 1e-6)).sum())
@@ -61,12 +70,57 @@ def exact_curvature(problem: Problem, theta: torch.Tensor, damping: float, chunk
     def ihvp(v: torch.Tensor) -> torch.Tensor:
         return evecs @ (inv * (evecs.T @ v)) if v.ndim == 1 else evecs @ (inv[:, None] * (evecs.T @ v))
 
-    return Curvature(ihvp, hvp_of(problem.target, theta), "exact", raised)
+    return Curvature(ihvp, hvp_of(problem.target, theta), f"exact {kind}", raised)
 
 
-def cg_curvature(problem: Problem, theta: torch.Tensor, damping: float, tol: float = 1e-10, maxiter: int = 1000) -> Curvature:
-    """(H + δI)⁻¹ by conjugate gradient on Hessian-vector products (H must be PD after damping)."""
-    hvp = hvp_of(problem.objective, theta)
+def _output_hessians(problem: Problem, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[N, C, C] Hessians Λ_i of each example's loss in its outputs."""
+    def loss(o: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return example_losses(problem.data.task, o[None], yi[None])[0]
+
+    return vmap(hessian(loss))(outputs, y)
+
+
+def dense_ggn(problem: Problem, theta: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """G = (1/n) Σ_i J_iᵀ Λ_i J_i + λI as a [p, p] matrix, from per-example Jacobians in chunks."""
+    def out(t: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        return problem.model(t, xi[None])[0]
+
+    jac = vmap(jacrev(out), in_dims=(None, 0))
+    x, y = problem.data.x_train, problem.data.y_train
+    g = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    for i in range(0, problem.n, chunk):
+        j = jac(theta, x[i : i + chunk])  # [B, C, p]
+        lam = _output_hessians(problem, problem.model(theta, x[i : i + chunk]), y[i : i + chunk])
+        g += torch.einsum("bcp,bcd->bdp", j, lam).reshape(-1, theta.numel()).T @ j.reshape(-1, theta.numel())
+    g = g / problem.n + problem.l2 * torch.eye(theta.numel(), dtype=theta.dtype)
+    return 0.5 * (g + g.T)
+
+
+def ggn_vp(problem: Problem, theta: torch.Tensor) -> Hvp:
+    """v ↦ G v without forming G: J v (forward mode), Λ (J v), Jᵀ(Λ J v) (reverse mode), + λ v."""
+    x, y = problem.data.x_train, problem.data.y_train
+
+    def outputs(t: torch.Tensor) -> torch.Tensor:
+        return problem.model(t, x)
+
+    pulled = vjp(outputs, theta)
+    out, pull = pulled[0], pulled[1]
+    lam = _output_hessians(problem, out.detach(), y)
+
+    def gv(v: torch.Tensor) -> torch.Tensor:
+        jv = jvp(outputs, (theta,), (v,))[1]
+        return pull(torch.einsum("bcd,bd->bc", lam, jv))[0] / problem.n + problem.l2 * v
+
+    return gv
+
+
+def cg_curvature(problem: Problem, theta: torch.Tensor, damping: float, tol: float = 1e-10, maxiter: int = 1000,
+                 kind: CurvatureKind = "hessian") -> Curvature:
+    """(H + δI)⁻¹ by conjugate gradient on Hessian- (or GGN-) vector products (PD after damping).
+
+    A [p, B] argument is solved column by column."""
+    hvp = hvp_of(problem.objective, theta) if kind == "hessian" else ggn_vp(problem, theta)
     p = theta.numel()
 
     def matvec(v: np.ndarray) -> np.ndarray:
@@ -76,22 +130,27 @@ def cg_curvature(problem: Problem, theta: torch.Tensor, damping: float, tol: flo
     op = LinearOperator((p, p), matvec=matvec, dtype=np.float64)
 
     def ihvp(v: torch.Tensor) -> torch.Tensor:
+        if v.ndim == 2:
+            return torch.stack([ihvp(col) for col in v.T], 1)
         sol, info = cg(op, v.detach().numpy(), rtol=tol, atol=0.0, maxiter=maxiter)
         if info != 0:
             logger.warning("conjugate gradient did not converge (info=%d); raise damping or cg_maxiter", info)
         return torch.as_tensor(sol, dtype=theta.dtype)
 
-    return Curvature(ihvp, hvp_of(problem.target, theta), "cg")
+    return Curvature(ihvp, hvp_of(problem.target, theta), f"cg {kind}")
 
 
 def build_curvature(
-    problem: Problem, theta: torch.Tensor, method: Method, damping: float, exact_max_params: int, cg_tol: float, cg_maxiter: int
+    problem: Problem, theta: torch.Tensor, method: Method, damping: float, exact_max_params: int, cg_tol: float, cg_maxiter: int,
+    kind: CurvatureKind = "hessian",
 ) -> Curvature:
     """``auto`` takes ``exact`` up to ``exact_max_params`` parameters, ``cg`` above."""
+    if kind not in ("hessian", "ggn"):
+        raise ValueError(f"unknown curvature '{kind}'; known: hessian, ggn")
     if method == "auto":
         method = "exact" if theta.numel() <= exact_max_params else "cg"
     if method == "exact":
-        return exact_curvature(problem, theta, damping)
+        return exact_curvature(problem, theta, damping, kind=kind)
     if method == "cg":
-        return cg_curvature(problem, theta, damping, cg_tol, cg_maxiter)
+        return cg_curvature(problem, theta, damping, cg_tol, cg_maxiter, kind)
     raise ValueError(f"unknown IHVP method '{method}'; known: auto, exact, cg")

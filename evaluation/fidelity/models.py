@@ -23,7 +23,7 @@ _ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus, "relu
 def _conv_block(c_in: int, c_out: int, activation: str, pool: bool) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(1, c_out), _ACTIVATIONS[activation]()]
     if pool:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))  # 7×7 inputs: 7 → 4 → 2 → 1
     return nn.Sequential(*layers)
 
 
