@@ -9,6 +9,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from iaif.common.atomic import append_line
@@ -52,6 +53,25 @@ def test_draws_depend_on_seed_and_index_only():
     assert len(set(draw_subset(50, 50, 0, 0))) == 50
     with pytest.raises(ValueError, match="subset size"):
         draw_subset(5, 6, 0, 0)
+
+
+def _family_shares(ids: list[int], families: list[str]) -> dict[str, float]:
+    return {f: sum(families[i] == f for i in ids) / len(ids) for f in sorted(set(families))}
+
+
+def test_mixture_draws_range_from_one_family_to_the_pool_mix():
+    families = ["a"] * 100 + ["b"] * 60 + ["c"] * 40
+    draw = draw_subset(200, 20, 1, 4, families, 0.3)
+    assert draw == draw_subset(200, 20, 1, 4, families, 0.3) and len(set(draw)) == 20
+    # tiny alpha: nearly every subset is (almost) one family
+    peaked = [max(_family_shares(draw_subset(200, 20, 0, i, families, 0.01), families).values()) for i in range(40)]
+    assert sum(share >= 0.9 for share in peaked) >= 32
+    # huge alpha: equal family weights, so each family's share tends to 1/3, unlike the pool's 0.5/0.3/0.2
+    flat = [_family_shares(draw_subset(200, 20, 0, i, families, 1e6), families) for i in range(200)]
+    for f in "abc":
+        assert abs(np.mean([s[f] for s in flat]) - 1 / 3) < 0.04
+    with pytest.raises(ValueError, match="mixture_alpha"):
+        draw_subset(200, 20, 0, 0, families, 0.0)
 
 
 def test_resume_trains_only_missing_subsets_and_cuts_a_torn_row(cfg, monkeypatch):

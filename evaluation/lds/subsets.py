@@ -1,5 +1,8 @@
 """``iaif subsets``: fine-tune one LoRA adapter per random subset of a pool and record the target loss.
 
+Subsets are uniform draws, or (``draw: mixture``) coherent groups dominated by a few task families, the
+regime where examples of one family are redundant and the interaction term is built to matter.
+
 The data of the linear datamodeling score (LDS, ``iaif lds``) and of AirRep's training: M subsets of
 the pool, each of the same size, drawn from ``(seed, subset index)`` alone; each is fine-tuned with the
 ``iaif train`` recipe (``iaif.training.finetune.train_adapter``, the same Trainer and settings) and the
@@ -27,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -64,6 +67,13 @@ class SubsetsConfig:
     """M: how many subsets (ids 0..M-1; raising M later adds subsets, the finished ones are kept)."""
     seed: int = 0
     """Seed of the subset draws (subset i uses the generator seeded with (seed, i))."""
+    draw: Literal["uniform", "mixture"] = "uniform"
+    """uniform: every subset of the size equally likely. mixture: coherent groups; each subset first
+    draws weights over the pool's task families from a symmetric Dirichlet(mixture_alpha), then fills
+    each family's share of the subset in proportion to its weight, so subsets range from one-family
+    (redundant) to mixed (complementary)."""
+    mixture_alpha: float = 0.3
+    """Dirichlet concentration of draw=mixture (smaller: subsets dominated by fewer families)."""
     eval_batch_size: int = 16
     """Target examples per forward pass when measuring the loss."""
     keep_adapters: bool = False
@@ -72,12 +82,29 @@ class SubsetsConfig:
     """Folder of subsets.jsonl, config.yaml, run_info.json."""
 
 
-def draw_subset(n: int, size: int, seed: int, index: int) -> list[int]:
-    """Subset ``index``: ``size`` distinct positions of 0..n-1, sorted, from the generator (seed, index)."""
+def draw_subset(n: int, size: int, seed: int, index: int, families: Sequence[str] | None = None,
+                alpha: float = 0.3) -> list[int]:
+    """Subset ``index``: ``size`` distinct positions of 0..n-1, sorted, from the generator (seed, index).
+
+    Uniform over all subsets of that size, or, with ``families`` (the family of each position), a
+    coherent group: weights w ~ Dirichlet(alpha) over the sorted distinct families, then positions drawn
+    without replacement, position i with probability proportional to w_f / n_f of its family f (n_f its
+    size), so family f is expected to fill a share w_f of the subset while it has members left."""
     if not 1 <= size <= n:
         raise ValueError(f"subset size must be between 1 and the pool size {n}, got {size}")
     rng = np.random.default_rng([seed, index])
-    return sorted(int(i) for i in rng.choice(n, size=size, replace=False))
+    if families is None:
+        return sorted(int(i) for i in rng.choice(n, size=size, replace=False))
+    if len(families) != n:
+        raise ValueError(f"families has {len(families)} entries for a pool of {n}")
+    if alpha <= 0:
+        raise ValueError(f"mixture_alpha must be > 0, got {alpha}")
+    names = sorted(set(families))
+    counts = {f: families.count(f) for f in names}
+    weights = dict(zip(names, rng.dirichlet([alpha] * len(names))))
+    # w_f spread over the family's members; a floor keeps every position drawable, so a subset can be filled
+    p = np.array([max(weights[f] / counts[f], 1e-12) for f in families], dtype=np.float64)
+    return sorted(int(i) for i in rng.choice(n, size=size, replace=False, p=p / p.sum()))
 
 
 def recipe_hash(cfg: SubsetsConfig, size: int) -> str:
@@ -86,7 +113,9 @@ def recipe_hash(cfg: SubsetsConfig, size: int) -> str:
     train = config_to_dict(cfg.train)
     for key in ("output_dir", "resume"):
         train.pop(key, None)
-    data = {"train": train, "targets": list(cfg.targets), "size": size, "seed": cfg.seed}
+    data: dict[str, Any] = {"train": train, "targets": list(cfg.targets), "size": size, "seed": cfg.seed}
+    if cfg.draw != "uniform":  # uniform tables keep the hash they were written with
+        data["draw"] = {"kind": cfg.draw, "alpha": cfg.mixture_alpha}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -144,12 +173,16 @@ def run_subsets(cfg: SubsetsConfig) -> Path:
         loss, per_task = target_losses(load_base_model(cfg.train.model), tokenizer, targets, cfg.train,
                                        cfg.eval_batch_size)
         append_line(table, SubsetRow(-1, [], loss, per_task, recipe, round(time.perf_counter() - start, 3)).to_json())
+    families = [e.task or "" for e in pool] if cfg.draw == "mixture" else None
+    if families is not None and len(set(families)) < 2:
+        raise ValueError(f"--draw mixture needs pool examples of at least two `task` values; "
+                         f"{cfg.train.data.path} has {sorted(set(families))}")
     mine = [i for i in range(cfg.num_subsets) if i % world == rank and i not in done]
     logger.info("process %d of %d: %d subsets of %d examples to train (%d already in %s)",
                 rank, world, len(mine), size, len([d for d in done if d >= 0]), table)
     for i in mine:
         start = time.perf_counter()
-        members = [pool[j] for j in draw_subset(len(pool), size, cfg.seed, i)]
+        members = [pool[j] for j in draw_subset(len(pool), size, cfg.seed, i, families, cfg.mixture_alpha)]
         work = out / WORK_DIR / f"subset-{i:05d}"
         trainer, _ = train_adapter(replace(cfg.train, output_dir=str(work), resume=True), members, "subsets")
         with quiet_peft_calls():
