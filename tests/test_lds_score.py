@@ -67,3 +67,36 @@ def test_estimators_predict_minus_the_objective_by_explicit_pair_loops():
     s_k = float(phi[top].mean(dim=1).sum())
     q_k = float(phi[top].sum(dim=0) @ phi[top].sum(dim=0)) / m
     assert lams["ef"] == pytest.approx(s_k / q_k, rel=1e-5)
+
+
+def test_validated_lambda_is_the_grid_argmax_on_the_validation_groups_only():
+    from scipy.stats import spearmanr
+
+    from iaif.evaluation.lds.estimators import LAMBDA_GRID_OCTAVES, validated_lambda
+    from iaif.selection.airrep.train import GroupTable
+    from iaif.selection.objective import default_lambda
+
+    torch.manual_seed(1)
+    n, m, size = 40, 6, 5
+    phi = torch.randn(n, m) + 0.2
+    s = phi.mean(dim=1)
+
+    def pair_loop(group: list[int], lam: float) -> float:  # −J(A) by explicit loops
+        return -sum(float(s[a]) for a in group) + lam * sum(float(phi[a] @ phi[b]) / m for a in group for b in group) / 2
+
+    groups = [torch.randperm(n)[:size].tolist() for _ in range(30)]
+    members = torch.tensor(groups)
+    rule = default_lambda(s, phi, size, None)  # the grid's centre, as predicted_effects uses it
+    grid = [0.0, *(rule * 2.0**k for k in range(-LAMBDA_GRID_OCTAVES, LAMBDA_GRID_OCTAVES + 1))]
+    truth = torch.tensor([pair_loop(g, rule * 8) for g in groups]) + 0.05 * torch.randn(len(groups))
+    chosen = validated_lambda(phi, s, rule, GroupTable(members, truth))
+    rhos = [spearmanr([pair_loop(g, lam) for g in groups], truth.numpy()).statistic for lam in grid]
+    assert chosen == grid[int(np.argmax(rhos))] and chosen > 0
+    # purely additive effects: λ = 0, the first-order sum, wins (ties go to the smallest λ)
+    additive = torch.tensor([pair_loop(g, 0.0) for g in groups])
+    assert validated_lambda(phi, s, rule, GroupTable(members, additive)) == 0.0
+    # the held-out groups never enter: predicted_effects takes the validation groups as their own argument
+    terms = PoolTerms(phi=phi, phi_cosine=phi / phi.norm(dim=1, keepdim=True), subtasks={"a": list(range(m))})
+    preds, lams = predicted_effects(terms, members[:10], GroupTable(members, truth))
+    assert lams["ef-val"] == chosen
+    assert preds["interaction-ef-λval"][3] == pytest.approx(pair_loop(groups[3], chosen), rel=1e-5)

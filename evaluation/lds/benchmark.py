@@ -2,7 +2,8 @@
 
 For each subset table of ``iaif subsets`` (one per subset size) the subsets are split once
 (``iaif.selection.airrep.train.is_heldout``): AirRep trains on one part, every estimator is scored on
-the other (held-out) part only. Per table and estimator: Spearman ρ between the predicted effect
+the other (held-out) part only; the validated λ of the interaction estimators is chosen on the first
+part too. Per table and estimator: Spearman ρ between the predicted effect
 (``iaif.evaluation.lds.estimators``) and the measured one (target loss after fine-tuning on the subset
 − the base model's), with a bootstrap interval over held-out subsets.
 
@@ -139,7 +140,7 @@ def run_lds(cfg: LdsConfig) -> Path:
             raise RuntimeError(f"{path}: AirRep was trained on held-out subsets {sorted(overlap)[:3]}")
         groups = group_table(held, base, row_of, path)
         measured = groups.effects.double().numpy()
-        preds, lams = predicted_effects(terms, groups.members)
+        preds, lams = predicted_effects(terms, groups.members, group_table(train, base, row_of, path))
         scores = {name: asdict(lds(p, measured, cfg.bootstrap, cfg.seed)) for name, p in preds.items()}
         results.append({
             "table": str(path), "size": int(groups.members.shape[1]), "pool_size": len(pool),

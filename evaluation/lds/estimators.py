@@ -11,6 +11,9 @@ so every estimator's prediction is −J(A) for its own λ, through ``iaif.select
   or from the sampled-label (Gauss-Newton) Φ;
 * ``interaction-ef-λ`` / ``interaction-gn-λ``: the λ ``iaif select`` uses at a budget of |A|
   (``iaif.selection.objective.default_lambda``: the first-order top-|A| set sits at saturation);
+* ``interaction-ef-λval`` / ``interaction-gn-λval``: λ chosen on validation subsets (the table's
+  training split, never the held-out one): the λ of the grid {0} ∪ {λ_rule · 2^k, k = −8..8} whose
+  prediction has the largest Spearman ρ there (the smallest such λ on ties; 0 is first-order);
 * ``less``: −Σ of the LESS scores (``iaif.selection.baselines.less.less_scores``, cosine features);
 * ``rds``: −Σ of each member's maximum cosine to the target examples (the ``rds`` baseline's score);
 * ``airrep``: −AirRep's pooled group score.
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from iaif.evaluation.lds.score import spearman
+from iaif.selection.airrep.train import GroupTable
 from iaif.selection.baselines.less import less_scores
 from iaif.selection.estimators import ef_scores, selection_objective
 from iaif.selection.objective import default_lambda
@@ -60,19 +65,43 @@ def _summed(per_example: torch.Tensor) -> GroupScore:
     return lambda members: per_example[members].sum(dim=1)
 
 
-def group_scores(terms: PoolTerms, size: int) -> tuple[dict[str, GroupScore], dict[str, float]]:
-    """The estimators for groups of ``size`` (name -> group score J(A)) and the λ of the selector's rule."""
+LAMBDA_GRID_OCTAVES = 8
+"""The validated λ is searched over λ_rule · 2^k for |k| ≤ this (and 0)."""
+
+
+def validated_lambda(curv: torch.Tensor, scores: torch.Tensor, rule: float, validation: GroupTable) -> float:
+    """The λ of {0} ∪ {rule · 2^k} whose predicted effects −J(A) rank the validation groups' measured
+    effects best (largest Spearman ρ; the smallest λ among ties)."""
+    measured = validation.effects.double().numpy()
+    best_lam, best_rho = 0.0, -np.inf
+    for lam in [0.0, *(rule * 2.0**k for k in range(-LAMBDA_GRID_OCTAVES, LAMBDA_GRID_OCTAVES + 1))]:
+        with torch.no_grad():
+            rho = spearman(-_objective(curv, scores, lam)(validation.members).double().numpy(), measured)
+        if rho > best_rho:
+            best_lam, best_rho = lam, rho
+    return best_lam
+
+
+def _interaction(out: dict[str, GroupScore], lams: dict[str, float], kind: str, curv: torch.Tensor, s: torch.Tensor,
+                 size: int, validation: GroupTable | None) -> None:
+    lams[kind] = default_lambda(s, curv, size, None)
+    out[f"interaction-{kind}"] = _objective(curv, s, 1.0)
+    out[f"interaction-{kind}-λ"] = _objective(curv, s, lams[kind])
+    if validation is not None:
+        lams[f"{kind}-val"] = validated_lambda(curv, s, lams[kind], validation)
+        out[f"interaction-{kind}-λval"] = _objective(curv, s, lams[f"{kind}-val"])
+
+
+def group_scores(terms: PoolTerms, size: int, validation: GroupTable | None = None
+                 ) -> tuple[dict[str, GroupScore], dict[str, float]]:
+    """The estimators for groups of ``size`` (name -> group score J(A)) and their λ (the selector's rule;
+    with ``validation`` groups of that size, also the λ validated on them)."""
     s = ef_scores(terms.phi)
-    lams = {"ef": default_lambda(s, terms.phi, size, None)}
-    out: dict[str, GroupScore] = {
-        "first-order": _objective(terms.phi, s, 0.0),
-        "interaction-ef": _objective(terms.phi, s, 1.0),
-        "interaction-ef-λ": _objective(terms.phi, s, lams["ef"]),
-    }
+    out: dict[str, GroupScore] = {"first-order": _objective(terms.phi, s, 0.0)}
+    lams: dict[str, float] = {}
+    _interaction(out, lams, "ef", terms.phi, s, size, validation)
     if terms.sampled is not None:
-        lams["gn"] = default_lambda(s, terms.sampled, size, None)
-        out["interaction-gn"] = _objective(terms.sampled, s, 1.0)
-        out["interaction-gn-λ"] = _objective(terms.sampled, s, lams["gn"])
+        _interaction(out, lams, "gn", terms.sampled, s, size, validation)
     out["less"] = _summed(less_scores(terms.phi_cosine, terms.subtasks))
     if terms.similarity is not None:
         out["rds"] = _summed(terms.similarity)
@@ -81,8 +110,10 @@ def group_scores(terms: PoolTerms, size: int) -> tuple[dict[str, GroupScore], di
     return out, lams
 
 
-def predicted_effects(terms: PoolTerms, members: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Predicted Δ target loss (−J(A)) of every estimator for every group in ``members`` [G, S]."""
-    scorers, lams = group_scores(terms, members.shape[1])
+def predicted_effects(terms: PoolTerms, members: torch.Tensor, validation: GroupTable | None = None
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Predicted Δ target loss (−J(A)) of every estimator for every group in ``members`` [G, S]
+    (``validation``: groups of the same size with measured effects, for the validated λ)."""
+    scorers, lams = group_scores(terms, members.shape[1], validation)
     with torch.no_grad():
         return {name: -score(members).double().numpy() for name, score in scorers.items()}, lams
