@@ -20,10 +20,11 @@ from iaif.training.checkpoint import (
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
+    recorded_adapter_hash,
 )
 from iaif.training.data import IGNORE_INDEX, DataConfig, load_examples, tokenize_examples
 from iaif.training.finetune import TrainConfig, TrainingSettings, run_train
-from iaif.training.lora import LoraSettings, ModelConfig, load_adapter, load_base_model, load_tokenizer
+from iaif.training.lora import LoraSettings, ModelConfig, adapter_hash, load_adapter, load_base_model, load_tokenizer
 from iaif.training.warmup import EpochCheckpointCallback, WarmupConfig, run_warmup
 
 
@@ -110,6 +111,9 @@ def test_warmup_checkpoints_and_mean_learning_rates(warmup_run):
         assert c.betas == (0.9, 0.999) and c.eps == 1e-8
     assert sum(c.lr_weight for c in ckpts) == pytest.approx(1.0)
     assert ckpts[0].mean_lr > ckpts[1].mean_lr > ckpts[2].mean_lr  # linear decay
+    # the hash a checkpoint records (the key of its feature stores) is the hash of its saved adapter
+    assert [recorded_adapter_hash(p) for p in paths] == [adapter_hash(c.adapter_dir) for c in ckpts]
+    assert len({c.adapter_hash for c in ckpts}) == 3
 
 
 def test_optimizer_state_is_keyed_by_adapter_parameter_names(warmup_run):
