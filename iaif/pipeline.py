@@ -39,10 +39,10 @@ from omegaconf.errors import OmegaConfBaseException
 from iaif.common.contracts import ADAPTER_DIR, SELECTED_FILE, CheckpointStores, done_marker
 from iaif.common.dist import is_main_process, wait_for_everyone
 from iaif.common.provenance import write_run_info
-from iaif.config import ConfigError, config_from_dict
+from iaif.config import ConfigError, config_from_dict, omegaconf_error_text
 from iaif.selection.select import Method
 from iaif.stages import STAGES
-from iaif.training.data import Template
+from iaif.training.data import TextFormat
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +73,9 @@ class PipelineConfig:
     """Selection budget as a fraction of the pool (LESS: 5%); the same for every method."""
     k: int | None = None
     """Selection budget as a number of examples (overrides fraction)."""
-    template: Template = "tulu"
-    """Prompt format in every stage: tulu or chat (the tokenizer's template)."""
-    max_length: int = 2048
-    """Token limit per example in warm-up, extraction and training."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """Prompt template (tulu or chat: the tokenizer's) and token limit, fed to every stage that renders
+    text (warm-up, extract, select's rds/embed, train) and the template to eval."""
     eval_tasks: list[str] = field(default_factory=list)
     """Local benchmarks to evaluate on (mmlu, bbh, tydiqa, gsm8k, ...); the demo adds its target tasks."""
     eval_base: bool = True
@@ -125,8 +124,7 @@ def check_section(section: str, values: dict[str, Any]) -> None:
     try:
         OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(values))
     except OmegaConfBaseException as err:
-        where = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
-        raise ConfigError(f"{where}: {str(err.msg).splitlines()[0]} ({cls.__name__})") from None
+        raise ConfigError(f"{omegaconf_error_text(err, section)} ({cls.__name__})") from None
 
 
 def _compose(stage: str, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -195,7 +193,7 @@ def _warmup(cfg: PipelineConfig, res: _Resolved, out: Path) -> list[Path]:
         if "warmup" not in cfg.steps:
             raise
     base = {"data": {"path": res.pool}, "model": {"name_or_path": res.model}, "output_dir": str(folder),
-            "training": {"template": cfg.template, "max_length": cfg.max_length}}
+            "text": dataclasses.asdict(cfg.text)}
     _run_stage("warmup", _compose("warmup", base, cfg.warmup))
     return list_checkpoints(folder)
 
@@ -234,7 +232,7 @@ def _extract(cfg: PipelineConfig, res: _Resolved, out: Path, checkpoints: list[P
             if "extract" not in cfg.steps:
                 raise FileNotFoundError(f"{folder}: feature store missing and step 'extract' not requested")
             base: dict[str, Any] = {"model": {"name_or_path": res.model}, "checkpoint": str(ckpt), "data": {"path": data},
-                    "feature": feature, "template": cfg.template, "max_length": cfg.max_length, "output_dir": folder}
+                    "feature": feature, "text": dataclasses.asdict(cfg.text), "output_dir": folder}
             if task is not None:
                 base["data"]["task"] = task
             _run_stage("extract", _compose("extract", base, cfg.extract))
@@ -262,8 +260,8 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: list[_Stores
                     raise FileNotFoundError(f"{folder}: selection missing and step 'select' not requested")
                 base = {"method": method, "seed": seed, "pool": {"path": res.pool}, "model": res.model,
                         "checkpoints": [dataclasses.asdict(s.for_tasks(tasks)) for s in stores],
-                        "targets": [res.targets[t] for t in tasks], "template": cfg.template,
-                        "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
+                        "targets": [res.targets[t] for t in tasks], "text": dataclasses.asdict(cfg.text),
+                        "output_dir": str(folder), **_budget(cfg)}
                 if cfg.tiny_model is not None:  # offline: no sentence-transformers model, embed with the tiny LM (mean pooling)
                     base["embedder"] = res.model
                 if is_main_process():
@@ -284,7 +282,7 @@ def _train(cfg: PipelineConfig, res: _Resolved, out: Path, selections: dict[str,
                 raise FileNotFoundError(f"{folder}: adapter missing and step 'train' not requested")
             data = selections[_selection_name(method, seed)] / SELECTED_FILE
             base = {"data": {"path": str(data)}, "model": {"name_or_path": res.model}, "output_dir": str(folder),
-                    "training": {"seed": seed, "template": cfg.template, "max_length": cfg.max_length}}
+                    "training": {"seed": seed}, "text": dataclasses.asdict(cfg.text)}
             _run_stage("train", _compose("train", base, cfg.train))
     return adapters
 
@@ -304,7 +302,7 @@ def _eval(cfg: PipelineConfig, res: _Resolved, out: Path, adapters: dict[tuple[s
             raise FileNotFoundError(f"{folder}: evaluation missing and step 'eval' not requested")
         base = {"model": res.model, "adapter": str(adapter) if adapter else None, "output_dir": str(folder),
                 "tasks": list(cfg.eval_tasks), "demo_targets": res.demo_targets, "seed": seed,
-                "template": cfg.template}
+                "template": cfg.text.template}
         _run_stage("eval", _compose("eval", base, cfg.eval))
     return runs
 

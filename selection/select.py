@@ -41,7 +41,7 @@ from iaif.selection.influence import (
     target_store_paths,
 )
 from iaif.selection.objective import Combine, LamBudget, TaskTerms, build_objectives
-from iaif.training.data import DataConfig, Example, Template, load_examples
+from iaif.training.data import DataConfig, Example, TextFormat, load_examples
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,8 @@ class SelectConfig:
     """rds: the base model (Hub id or local folder)."""
     embedder: str = "sentence-transformers/all-MiniLM-L6-v2"
     """embed: sentence-transformers model name or local folder."""
-    template: Template = "tulu"
-    """rds: prompt template used to render examples."""
-    max_length: int = 2048
-    """rds / embed: truncation length in tokens."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """rds / embed: rendering (rds) and truncation length in tokens."""
     batch_size: int = 16
     """rds / embed: examples per forward pass."""
     device: str = "cpu"
@@ -317,7 +315,7 @@ def _select_rds(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], 
     """rds: similarity of base-model hidden states."""
     from iaif.selection.baselines.rds import rds_embeddings
 
-    return _similarity(cfg, pool, lambda xs: rds_embeddings(xs, cfg.model, cfg.template, cfg.max_length,
+    return _similarity(cfg, pool, lambda xs: rds_embeddings(xs, cfg.model, cfg.text.template, cfg.text.max_length,
                                                             cfg.batch_size, cfg.device))
 
 
@@ -326,7 +324,7 @@ def _select_embed(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example]
     from iaif.selection.baselines.embed import sentence_embeddings
 
     return _similarity(cfg, pool, lambda xs: sentence_embeddings(xs, cfg.embedder, cfg.batch_size, cfg.device,
-                                                                 cfg.max_length))
+                                                                 cfg.text.max_length))
 
 
 def _select_airrep(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:

@@ -19,7 +19,7 @@ from iaif.selection.features.fingerprint import dataset_fingerprint, write_diges
 from iaif.selection.features.store import StoreMismatchError
 from iaif.selection.influence import FeatureError, pair_stores
 from iaif.selection.select import SelectConfig, duplicate_rate, run_select
-from iaif.training.data import DataConfig, TokenizedExample, load_examples, tokenize_examples
+from iaif.training.data import DataConfig, TextFormat, TokenizedExample, load_examples, tokenize_examples
 from iaif.training.lora import ModelConfig, load_tokenizer
 
 DIM = 6
@@ -239,7 +239,7 @@ def test_stores_paired_with_another_checkpoint_are_named(setup):
 def test_checkpoints_typo_fails_at_load_naming_file_and_key(tmp_path):
     path = tmp_path / "select.yaml"
     path.write_text("checkpoints:\n  - pool: a\n    target: [b]\n")
-    with pytest.raises(ConfigError, match=f"^{path}: Key 'target' not in 'CheckpointStores'"):
+    with pytest.raises(ConfigError, match=f"^{path}: target: Key 'target' not in 'CheckpointStores'"):
         config_from_yaml(SelectConfig, path)
 
 
@@ -295,7 +295,7 @@ def test_identity_curvature_runs_and_logs_parts(setup):
 @pytest.mark.parametrize("method", ["rds", "embed"])
 def test_similarity_methods_on_tiny_model(setup, tiny_model_dir, method):
     cfg = _cfg(setup, method=method, model=str(tiny_model_dir), embedder=str(tiny_model_dir), k=5,
-               similarity="round-robin", max_length=64, batch_size=8)
+               similarity="round-robin", text=TextFormat(max_length=64), batch_size=8)
     lines, summary = _read(run_select(cfg))
     assert len({r["_iaif"]["id"] for r in lines}) == 5 and summary["pool_size"] == 30
 

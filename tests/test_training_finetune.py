@@ -22,7 +22,7 @@ from iaif.training.checkpoint import (
     load_checkpoint,
     recorded_adapter_hash,
 )
-from iaif.training.data import IGNORE_INDEX, DataConfig, load_examples, tokenize_examples
+from iaif.training.data import IGNORE_INDEX, DataConfig, TextFormat, load_examples, tokenize_examples
 from iaif.training.finetune import TrainConfig, TrainingSettings, run_train
 from iaif.training.lora import LoraSettings, ModelConfig, adapter_hash, load_adapter, load_base_model, load_tokenizer
 from iaif.training.warmup import EpochCheckpointCallback, WarmupConfig, run_warmup
@@ -42,11 +42,11 @@ def write_pool(path: Path, n: int, seed: int = 0, selected: bool = False) -> Pat
 
 
 def small_config(cls, pool: Path, model_dir: Path, out: Path, lora_dropout: float = 0.0, **training):
-    settings = dict(learning_rate=5e-3, num_epochs=2, effective_batch_size=4, per_device_batch_size=2, max_length=96)
+    settings = dict(learning_rate=5e-3, num_epochs=2, effective_batch_size=4, per_device_batch_size=2)
     settings.update(training)
     return cls(data=DataConfig(path=str(pool)), model=ModelConfig(name_or_path=str(model_dir), precision="fp32"),
                lora=LoraSettings(r=4, alpha=16, dropout=lora_dropout), training=TrainingSettings(**settings),
-               output_dir=str(out))
+               text=TextFormat(max_length=96), output_dir=str(out))
 
 
 def answer_token_loss(model: torch.nn.Module, tokenizer, data: Path) -> float:

@@ -33,7 +33,7 @@ from iaif.selection.airrep.stage import embed
 from iaif.selection.airrep.train import AirRepTraining, group_table, split_rows, train_airrep, training_tables
 from iaif.selection.influence import FeatureGeometry, checkpoint_stores, influence_matrix, open_checkpoints, target_store_paths
 from iaif.selection.select import load_targets
-from iaif.training.data import DataConfig, Template, load_examples
+from iaif.training.data import DataConfig, TextFormat, load_examples
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "lds.json"
@@ -64,10 +64,8 @@ class LdsConfig:
     """As `iaif select`'s whiten."""
     model: str = ""
     """Base model: its hidden states are the rds representation and AirRep's frozen encoder."""
-    template: Template = "tulu"
-    """Rendering for the base model's representations."""
-    max_length: int = 2048
-    """Token limit for the representations."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """Rendering and token limit for the base model's representations."""
     batch_size: int = 16
     """Examples per forward pass of the base model."""
     airrep: AirRepTraining = field(default_factory=AirRepTraining)
@@ -125,8 +123,8 @@ def run_lds(cfg: LdsConfig) -> Path:
     check_stores(target_store_paths(stores), targets)
     pool_candidates(pool, [p.pool for p in stores], allow_missing=False)
     pool_ids = [e.id for e in pool]
-    pool_x = embed(pool, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)
-    target_x = embed(targets, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)
+    pool_x = embed(pool, cfg.model, cfg.text.template, cfg.text.max_length, cfg.batch_size, cfg.device)
+    target_x = embed(targets, cfg.model, cfg.text.template, cfg.text.max_length, cfg.batch_size, cfg.device)
     terms = pool_terms(cfg, stores, pool_ids, pool_x, target_x, [t.id for t in targets], [t.task for t in targets])
     timing = {"features_seconds": round(time.perf_counter() - start, 2)}
     start = time.perf_counter()
