@@ -11,7 +11,7 @@ The content of each file has one owner: ``meta.json`` is ``iaif.selection.featur
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,24 @@ DONE_MARKERS: dict[str, str] = {
 def done_marker(stage: str, folder: str | Path) -> Path:
     """The file that marks ``stage``'s output in ``folder`` as finished."""
     return Path(folder) / DONE_MARKERS[stage]
+
+
+@dataclass
+class CheckpointStores:
+    """One warm-up checkpoint and the feature stores extracted from it, combined per checkpoint by
+    ``iaif select``, ``attribute`` and ``lds`` (their YAML's ``checkpoints:`` list, one entry per checkpoint;
+    ``iaif.selection.influence.open_checkpoints`` reads them). Every store must record the same adapter hash."""
+
+    pool: str = ""
+    """The pool feature store (Adam update directions or gradients)."""
+    targets: list[str] = field(default_factory=list)
+    """Target feature stores (true-label gradients), e.g. one per target file; their rows are stacked."""
+    sampled_targets: list[str] = field(default_factory=list)
+    """Sampled-label target stores (curvature=gn)."""
+    checkpoint: str = ""
+    """The checkpoint folder the stores were extracted from (for messages; empty: unknown)."""
+    adapter_hash: str = ""
+    """The adapter hash the checkpoint records; empty: the pool store's."""
 
 
 @dataclass(frozen=True)

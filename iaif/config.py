@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import tyro
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -60,8 +61,18 @@ def config_from_dict(cls: type[T], data: dict[str, Any], origin: str = "<dict>")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(data))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except Exception as err:  # omegaconf raises several error types; all mean a bad config
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{origin}: {omegaconf_error_text(err)}") from None
+    except Exception as err:  # a config's own check (__post_init__) or another bad value
         raise ConfigError(f"{origin}: {err}") from None
+
+
+def omegaconf_error_text(err: OmegaConfBaseException, section: str | None = None) -> str:
+    """One line for an OmegaConf type error: ``key.path: message``, the key under ``section`` if given."""
+    key = getattr(err, "full_key", None)
+    where = ".".join(str(part) for part in (section, key) if part)
+    message = str(getattr(err, "msg", None) or err).splitlines()[0]
+    return f"{where}: {message}" if where else message
 
 
 def parse_stage_config(cls: type[T], argv: Sequence[str], prog: str, description: str) -> T:

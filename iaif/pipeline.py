@@ -36,13 +36,13 @@ from typing import Any, Literal, get_args
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from iaif.common.contracts import ADAPTER_DIR, SELECTED_FILE, done_marker
+from iaif.common.contracts import ADAPTER_DIR, SELECTED_FILE, CheckpointStores, done_marker
 from iaif.common.dist import is_main_process, wait_for_everyone
 from iaif.common.provenance import write_run_info
-from iaif.config import ConfigError, config_from_dict
+from iaif.config import ConfigError, config_from_dict, omegaconf_error_text
 from iaif.selection.select import Method
 from iaif.stages import STAGES
-from iaif.training.data import Template
+from iaif.training.data import TextFormat
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +73,9 @@ class PipelineConfig:
     """Selection budget as a fraction of the pool (LESS: 5%); the same for every method."""
     k: int | None = None
     """Selection budget as a number of examples (overrides fraction)."""
-    template: Template = "tulu"
-    """Prompt format in every stage: tulu or chat (the tokenizer's template)."""
-    max_length: int = 2048
-    """Token limit per example in warm-up, extraction and training."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """Prompt template (tulu or chat: the tokenizer's) and token limit, fed to every stage that renders
+    text (warm-up, extract, select's rds/embed, train) and the template to eval."""
     eval_tasks: list[str] = field(default_factory=list)
     """Local benchmarks to evaluate on (mmlu, bbh, tydiqa, gsm8k, ...); the demo adds its target tasks."""
     eval_base: bool = True
@@ -125,8 +124,7 @@ def check_section(section: str, values: dict[str, Any]) -> None:
     try:
         OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(values))
     except OmegaConfBaseException as err:
-        where = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
-        raise ConfigError(f"{where}: {str(err.msg).splitlines()[0]} ({cls.__name__})") from None
+        raise ConfigError(f"{omegaconf_error_text(err, section)} ({cls.__name__})") from None
 
 
 def _compose(stage: str, base: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -195,29 +193,48 @@ def _warmup(cfg: PipelineConfig, res: _Resolved, out: Path) -> list[Path]:
         if "warmup" not in cfg.steps:
             raise
     base = {"data": {"path": res.pool}, "model": {"name_or_path": res.model}, "output_dir": str(folder),
-            "training": {"template": cfg.template, "max_length": cfg.max_length}}
+            "text": dataclasses.asdict(cfg.text)}
     _run_stage("warmup", _compose("warmup", base, cfg.warmup))
     return list_checkpoints(folder)
 
 
-def _extract(cfg: PipelineConfig, res: _Resolved, out: Path, checkpoints: list[Path]) -> dict[str, list[str]]:
-    """Feature stores: ``{"pool": [per checkpoint], "<task>": [per checkpoint]}``."""
-    stores: dict[str, list[str]] = {"pool": []}
+@dataclass
+class _Stores:
+    """One checkpoint's feature stores: the pool store and one target store per task."""
+
+    checkpoint: Path
+    adapter_hash: str
+    pool: str
+    targets: dict[str, str]
+
+    def for_tasks(self, tasks: list[str]) -> CheckpointStores:
+        """The checkpoint's stores for a selection on ``tasks`` (``iaif select``'s ``checkpoints`` entry)."""
+        return CheckpointStores(pool=self.pool, targets=[self.targets[t] for t in tasks], checkpoint=str(self.checkpoint),
+                                adapter_hash=self.adapter_hash)
+
+
+def _extract(cfg: PipelineConfig, res: _Resolved, out: Path, checkpoints: list[Path]) -> list[_Stores]:
+    """The feature stores of every checkpoint (extracted unless done)."""
+    from iaif.training.checkpoint import recorded_adapter_hash
+
+    stores = []
     pool_folder = "pool" if cfg.pool_feature == "adam" else f"pool-{cfg.pool_feature}"
     for ckpt in checkpoints:
-        jobs = [(pool_folder, res.pool, cfg.pool_feature)] + [(f"target-{t}", p, "grad") for t, p in res.targets.items()]
-        for name, data, feature in jobs:
-            folder = out / "features" / ckpt.name.replace("checkpoint-", "") / name
-            key = "pool" if name == pool_folder else name[len("target-"):]
-            stores.setdefault(key, []).append(str(folder))
+        where = out / "features" / ckpt.name.replace("checkpoint-", "")
+        found = _Stores(ckpt, recorded_adapter_hash(ckpt), str(where / pool_folder),
+                        {t: str(where / f"target-{t}") for t in res.targets})
+        stores.append(found)
+        jobs: list[tuple[str | None, str, str, str]] = [(None, found.pool, res.pool, cfg.pool_feature)]
+        jobs += [(t, found.targets[t], data, "grad") for t, data in res.targets.items()]
+        for task, folder, data, feature in jobs:
             if _done(done_marker("extract", folder)):
                 continue
             if "extract" not in cfg.steps:
                 raise FileNotFoundError(f"{folder}: feature store missing and step 'extract' not requested")
             base: dict[str, Any] = {"model": {"name_or_path": res.model}, "checkpoint": str(ckpt), "data": {"path": data},
-                    "feature": feature, "template": cfg.template, "max_length": cfg.max_length, "output_dir": str(folder)}
-            if key != "pool":
-                base["data"]["task"] = key
+                    "feature": feature, "text": dataclasses.asdict(cfg.text), "output_dir": folder}
+            if task is not None:
+                base["data"]["task"] = task
             _run_stage("extract", _compose("extract", base, cfg.extract))
     return stores
 
@@ -226,7 +243,7 @@ def _selection_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}" if method in SEEDED_METHODS else method
 
 
-def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, list[str]]) -> dict[str, Path]:
+def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: list[_Stores]) -> dict[str, Path]:
     """One selection per method (per seed for the seeded ones), for all target tasks together or
     (``select_per_target``) per task; returns name (``<task>/<name>`` per task) -> folder."""
     chosen: dict[str, Path] = {}
@@ -242,9 +259,9 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, li
                 if "select" not in cfg.steps:
                     raise FileNotFoundError(f"{folder}: selection missing and step 'select' not requested")
                 base = {"method": method, "seed": seed, "pool": {"path": res.pool}, "model": res.model,
-                        "pool_stores": stores["pool"], "targets": [res.targets[t] for t in tasks],
-                        "target_stores": [s for t in tasks for s in stores[t]], "template": cfg.template,
-                        "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
+                        "checkpoints": [dataclasses.asdict(s.for_tasks(tasks)) for s in stores],
+                        "targets": [res.targets[t] for t in tasks], "text": dataclasses.asdict(cfg.text),
+                        "output_dir": str(folder), **_budget(cfg)}
                 if cfg.tiny_model is not None:  # offline: no sentence-transformers model, embed with the tiny LM (mean pooling)
                     base["embedder"] = res.model
                 if is_main_process():
@@ -265,7 +282,7 @@ def _train(cfg: PipelineConfig, res: _Resolved, out: Path, selections: dict[str,
                 raise FileNotFoundError(f"{folder}: adapter missing and step 'train' not requested")
             data = selections[_selection_name(method, seed)] / SELECTED_FILE
             base = {"data": {"path": str(data)}, "model": {"name_or_path": res.model}, "output_dir": str(folder),
-                    "training": {"seed": seed, "template": cfg.template, "max_length": cfg.max_length}}
+                    "training": {"seed": seed}, "text": dataclasses.asdict(cfg.text)}
             _run_stage("train", _compose("train", base, cfg.train))
     return adapters
 
@@ -285,7 +302,7 @@ def _eval(cfg: PipelineConfig, res: _Resolved, out: Path, adapters: dict[tuple[s
             raise FileNotFoundError(f"{folder}: evaluation missing and step 'eval' not requested")
         base = {"model": res.model, "adapter": str(adapter) if adapter else None, "output_dir": str(folder),
                 "tasks": list(cfg.eval_tasks), "demo_targets": res.demo_targets, "seed": seed,
-                "template": cfg.template}
+                "template": cfg.text.template}
         _run_stage("eval", _compose("eval", base, cfg.eval))
     return runs
 
@@ -317,7 +334,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if finished("warmup", f"{len(checkpoints)} checkpoint(s)"):
         return out
     stores = _extract(cfg, res, out, checkpoints)
-    if finished("extract", f"{sum(map(len, stores.values()))} feature store(s)"):
+    if finished("extract", f"{sum(1 + len(s.targets) for s in stores)} feature store(s)"):
         return out
     selections = _select(cfg, res, out, stores)
     if finished("select", f"{len(selections)} selection(s)"):

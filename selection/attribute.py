@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+import tyro
 
 from iaif.common.atomic import remove_stale_temps, write_json
+from iaif.common.contracts import CheckpointStores
 from iaif.common.provenance import write_run_info
 from iaif.selection.curvature import Curvature, FeatureSource, influence_terms
 from iaif.selection.estimators import pairwise_kappa, quadratic_part
-from iaif.selection.influence import open_checkpoints
+from iaif.selection.influence import checkpoint_stores, open_checkpoints, target_store_paths
 from iaif.selection.select import load_targets, selected_ids
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class AttributeConfig:
     """File of pool ids: one per line, or JSONL records with `id` (a selected.jsonl works)."""
     targets: list[str] = field(default_factory=list)
     """Target data files (the target f is the mean loss over all their examples)."""
+    checkpoints: Annotated[list[CheckpointStores], tyro.conf.Suppress] = field(default_factory=list)
+    """YAML only: the feature stores of each checkpoint, as in `iaif select`; or give the flat lists below."""
     pool_stores: list[str] = field(default_factory=list)
     """Pool feature stores, one per checkpoint."""
     target_stores: list[str] = field(default_factory=list)
@@ -88,9 +92,10 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     if len(set(ids)) != len(ids):
         raise ValueError(f"{cfg.group}: ids repeat in the group")
     targets = load_targets(cfg.targets)
-    ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
-    check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
-    src = FeatureSource(ckpts, cfg.pool_stores, cfg.sampled_target_stores, cfg.chunk_rows, cfg.device)
+    stores = checkpoint_stores(cfg)
+    ckpts = open_checkpoints(stores)
+    check_stores(target_store_paths(stores), targets)
+    src = FeatureSource(ckpts, stores, cfg.chunk_rows, cfg.device)
     terms = influence_terms(cfg.curvature, src, ids, [t.id for t in targets], [WHOLE] * len(targets))
     report = attribute_group(terms.scores[WHOLE], terms.curv, ids, terms.scale, cfg.top_pairs)
     report["curvature"] = cfg.curvature

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from iaif.common.contracts import CheckpointStores
 from iaif.selection.features.store import sampled_row_example
 from iaif.selection.influence import (
     CheckpointFeatures,
@@ -34,12 +35,11 @@ Curvature = Literal["ef", "gn", "identity"]
 
 @dataclass(frozen=True)
 class FeatureSource:
-    """Where Φ and ψ come from: the checkpoints' pool and target features, the store paths (the
+    """Where Φ and ψ come from: the checkpoints' pool and target features, their stores (the
     sampled-label stores of ``gn`` are opened only when needed) and how rows are read and compared."""
 
     checkpoints: list[CheckpointFeatures]
-    pool_stores: Sequence[str]
-    sampled_target_stores: Sequence[str]
+    stores: Sequence[CheckpointStores]
     chunk_rows: int = 16384
     device: str = "cpu"
     geometry: FeatureGeometry = FeatureGeometry()
@@ -67,7 +67,7 @@ def influence_terms(kind: Curvature, src: FeatureSource, cand_ids: list[str], ta
     group ``groups[i]`` (module docstring)."""
     if kind not in ("ef", "gn", "identity"):
         raise ValueError(f"unknown curvature '{kind}'")
-    if kind == "gn" and not src.sampled_target_stores:
+    if kind == "gn" and not any(p.sampled_targets for p in src.stores):
         raise ValueError("curvature=gn needs sampled_target_stores")
     perm, cols = group_columns(groups)
     phi = influence_matrix(src.checkpoints, cand_ids, [target_ids[i] for i in perm], src.chunk_rows, src.device,
@@ -88,7 +88,7 @@ def _sampled_label_features(src: FeatureSource, cand_ids: list[str], group_of: d
                             ) -> tuple[torch.Tensor, dict[str, slice]]:
     """Φ against the sampled-label target rows, columns grouped like their examples; a row of a
     true-label store (its id a target id) counts as one draw of its example."""
-    ckpts = open_checkpoints(src.pool_stores, src.sampled_target_stores, sampled=True)
+    ckpts = open_checkpoints(src.stores, sampled=True)
     ids = ckpts[0].target_ids
     labels = []
     for row in ids:

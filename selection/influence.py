@@ -18,7 +18,8 @@ Feature geometry (``FeatureGeometry``), both settings of ``iaif select``:
   φ_{a,t} = g_tᵀ H_c⁻¹ Γ_a / (‖g_t‖_{H_c⁻¹} ‖Γ_a‖_{H_c⁻¹}): directions every example shares are
   scaled down. d × d per checkpoint, one eigendecomposition (d ≤ 8192).
 
-The core works on in-memory or memory-mapped arrays; ``open_checkpoints`` reads and checks stores.
+The core works on in-memory or memory-mapped arrays; ``open_checkpoints`` reads and checks the stores
+of each checkpoint (``iaif.common.contracts.CheckpointStores``; ``pair_stores`` pairs flat store lists).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from iaif.selection.features.store import FeatureStore, StoreMismatchError
+from iaif.common.contracts import CheckpointStores
+from iaif.selection.features.store import FeatureStore, StoreMeta, StoreMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -228,30 +231,80 @@ def _lr_weights(pools: Sequence[FeatureStore]) -> list[float]:
     return [float(w) for w in weights if w is not None]  # none missing (checked above)
 
 
-def _checkpoint_key(store: FeatureStore) -> str:
-    return store.meta.adapter_hash or store.meta.checkpoint or ""
+def _checkpoint_key(meta: StoreMeta) -> str:
+    return meta.adapter_hash or meta.checkpoint or ""
 
 
-def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str], sampled: bool = False
-                     ) -> list[CheckpointFeatures]:
-    """Pair pool stores (one per checkpoint) with the target stores of the same checkpoint.
+class StoreSettings(Protocol):
+    """The store fields of ``iaif select``, ``attribute`` and ``lds``: the paired ``checkpoints`` list
+    (YAML) or the flat lists the command line takes."""
+
+    checkpoints: list[CheckpointStores]
+    pool_stores: list[str]
+    target_stores: list[str]
+    sampled_target_stores: list[str]
+
+
+def pair_stores(pool_paths: Sequence[str], target_paths: Sequence[str], sampled_paths: Sequence[str] = ()
+                ) -> list[CheckpointStores]:
+    """Pair flat store lists by checkpoint: each target store joins the pool store whose ``meta.json``
+    records the same adapter hash (order kept). A target store whose checkpoint has no pool store,
+    or two pool stores of one checkpoint, are a ``StoreMismatchError`` naming the files."""
+    pairs: dict[str, CheckpointStores] = {}
+    for path in pool_paths:
+        key = _checkpoint_key(FeatureStore.read_meta(path))
+        if key in pairs:
+            raise StoreMismatchError(f"{pairs[key].pool} and {path}: two pool stores come from the same checkpoint "
+                                     f"(adapter_hash {key!r})")
+        pairs[key] = CheckpointStores(pool=str(path), adapter_hash=key)
+    for paths, sampled in ((target_paths, False), (sampled_paths, True)):
+        for path in paths:
+            key = _checkpoint_key(FeatureStore.read_meta(path))
+            if key not in pairs:
+                raise StoreMismatchError(f"{path}: target store from a checkpoint without a pool store "
+                                         f"(adapter_hash {key!r}; pool stores {list(pool_paths)})")
+            (pairs[key].sampled_targets if sampled else pairs[key].targets).append(str(path))
+    return list(pairs.values())
+
+
+def checkpoint_stores(cfg: StoreSettings) -> list[CheckpointStores]:
+    """The stores per checkpoint: ``checkpoints`` as given, or the flat lists paired by ``pair_stores``;
+    both at once is an error."""
+    flat = [name for name in ("pool_stores", "target_stores", "sampled_target_stores") if getattr(cfg, name)]
+    if cfg.checkpoints and flat:
+        raise ValueError(f"give the stores either as `checkpoints` (one entry per checkpoint) or as "
+                         f"{' / '.join(f'--{n}' for n in flat)}, not both")
+    if cfg.checkpoints:
+        return list(cfg.checkpoints)
+    return pair_stores(cfg.pool_stores, cfg.target_stores, cfg.sampled_target_stores)
+
+
+def target_store_paths(pairs: Sequence[CheckpointStores]) -> list[str]:
+    """Every target store (true-label, then sampled-label) of every checkpoint."""
+    return [t for p in pairs for t in p.targets] + [t for p in pairs for t in p.sampled_targets]
+
+
+def open_checkpoints(pairs: Sequence[CheckpointStores], sampled: bool = False) -> list[CheckpointFeatures]:
+    """Open each checkpoint's pool store and target stores (``sampled``: its sampled-label stores).
 
     Several target stores of one checkpoint (e.g. one per target file) are stacked. Stores of another
-    model, template or projection raise ``StoreMismatchError``; a checkpoint without target features
-    raises ``FeatureError``. ``sampled``: the target stores are sampled-label stores (meta
-    ``sampled_labels`` > 0, curvature=gn); a sampled-label store given as a true-label one is refused.
+    model, template or projection, or made from another adapter than the checkpoint's, raise
+    ``StoreMismatchError``; a checkpoint without target features raises ``FeatureError``. ``sampled``:
+    the target stores are sampled-label stores (meta ``sampled_labels`` > 0, curvature=gn); a
+    sampled-label store given as a true-label one is refused.
     """
-    if not pool_paths:
-        raise FeatureError("no pool feature store given (pool_stores)")
-    if not target_paths:
-        raise FeatureError("no target feature store given (target_stores): the targets have no features")
-    pools = [FeatureStore.open(p) for p in pool_paths]
-    targets = [FeatureStore.open(p) for p in target_paths]
+    if not pairs or not all(p.pool for p in pairs):
+        raise FeatureError("no pool feature store given (pool_stores, or `pool` of each checkpoint)")
+    what = "sampled_target_stores" if sampled else "target_stores"
+    if not any(p.sampled_targets if sampled else p.targets for p in pairs):
+        raise FeatureError(f"no target feature store given ({what}): the targets have no features")
+    pools = [FeatureStore.open(p.pool) for p in pairs]
+    groups = [[FeatureStore.open(t) for t in (p.sampled_targets if sampled else p.targets)] for p in pairs]
     for s in pools[1:]:
         pools[0].check_compatible(s, same_dataset=True)
         if s.ids != pools[0].ids:
             raise StoreMismatchError(f"{pools[0].path} and {s.path}: pool stores list different example ids")
-    for s in targets:
+    for s in (s for g in groups for s in g):
         pools[0].check_compatible(s, same_dataset=False)
         draws = s.meta.sampled_labels
         if draws and not sampled:
@@ -260,29 +313,28 @@ def open_checkpoints(pool_paths: Sequence[str], target_paths: Sequence[str], sam
         if sampled and not draws:
             logger.warning("%s: not a sampled-label store (no sampled_labels in meta.json); its rows are used as "
                            "sampled-label gradients", s.path)
-    by_key: dict[str, list[FeatureStore]] = {}
-    for s in targets:
-        by_key.setdefault(_checkpoint_key(s), []).append(s)
-    keys = [_checkpoint_key(p) for p in pools]
+    keys = [p.adapter_hash or _checkpoint_key(s.meta) for p, s in zip(pairs, pools)]
     if len(set(keys)) != len(keys):
-        raise StoreMismatchError(f"several pool stores come from the same checkpoint: {list(pool_paths)}")
+        raise StoreMismatchError(f"several pool stores come from the same checkpoint: {[p.pool for p in pairs]}")
+    for pair, pool, group, key in zip(pairs, pools, groups, keys):
+        where = pair.checkpoint or pool.path
+        for s in (pool, *group):
+            if _checkpoint_key(s.meta) != key:
+                raise StoreMismatchError(f"{s.path}: made from adapter {_checkpoint_key(s.meta)!r}, paired with "
+                                         f"checkpoint {where} (adapter_hash {key!r})")
+        if not group:
+            raise FeatureError(f"{pool.path}: no target store from the same checkpoint (adapter_hash {key!r})")
     for s in pools:
         if s.meta.feature != "adam":
             logger.warning("%s: pool features are '%s', LESS uses Adam update directions ('adam')", s.path, s.meta.feature)
-    for s in targets:
+    for s in (s for g in groups for s in g):
         if s.meta.feature != "grad":
             logger.warning("%s: target features are '%s', expected plain gradients ('grad')", s.path, s.meta.feature)
     out = []
-    for p, key, weight in zip(pools, keys, _lr_weights(pools)):
-        group = by_key.get(key) or []
-        if not group:
-            raise FeatureError(f"{p.path}: no target store from the same checkpoint (adapter_hash {key!r})")
+    for p, group, weight in zip(pools, groups, _lr_weights(pools)):
         feats = group[0].features if len(group) == 1 else np.concatenate([g.features for g in group])
         ids = [i for g in group for i in g.ids]
         out.append(CheckpointFeatures(p.features, p.ids, feats, ids, weight, str(p.path),
                                       "target stores " + ", ".join(str(g.path) for g in group)))
-    unused = set(by_key) - set(keys)
-    if unused:
-        raise StoreMismatchError(f"target stores from checkpoints without a pool store: adapter_hash {sorted(unused)}")
     logger.info("%d checkpoint(s), lr weights %s", len(out), [round(c.weight, 4) for c in out])
     return out

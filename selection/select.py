@@ -21,18 +21,27 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+import tyro
 
 from iaif.common.atomic import temp_path
-from iaif.common.contracts import SELECTED_FILE
+from iaif.common.contracts import SELECTED_FILE, CheckpointStores
 from iaif.common.contracts import SELECTION_SUMMARY_FILE as SUMMARY_FILE
 from iaif.common.provenance import CONFIG_FILE, RUN_INFO_FILE, config_to_dict, write_run_info
 from iaif.selection.curvature import Curvature, FeatureSource, influence_terms
-from iaif.selection.influence import CheckpointFeatures, FeatureGeometry, group_columns, influence_matrix, open_checkpoints
+from iaif.selection.influence import (
+    CheckpointFeatures,
+    FeatureGeometry,
+    checkpoint_stores,
+    group_columns,
+    influence_matrix,
+    open_checkpoints,
+    target_store_paths,
+)
 from iaif.selection.objective import Combine, LamBudget, TaskTerms, build_objectives
-from iaif.training.data import DataConfig, Example, Template, load_examples
+from iaif.training.data import DataConfig, Example, TextFormat, load_examples
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +66,9 @@ class SelectConfig:
     """Number of examples to select (give k or fraction)."""
     fraction: float | None = None
     """Share of the pool to select, e.g. 0.05 (rounded up)."""
+    checkpoints: Annotated[list[CheckpointStores], tyro.conf.Suppress] = field(default_factory=list)
+    """YAML only: the feature stores of each warm-up checkpoint (pool, targets, sampled_targets,
+    checkpoint, adapter_hash); or give the flat lists below."""
     pool_stores: list[str] = field(default_factory=list)
     """Pool feature stores (Adam features), one per warm-up checkpoint."""
     target_stores: list[str] = field(default_factory=list)
@@ -96,10 +108,8 @@ class SelectConfig:
     """rds: the base model (Hub id or local folder)."""
     embedder: str = "sentence-transformers/all-MiniLM-L6-v2"
     """embed: sentence-transformers model name or local folder."""
-    template: Template = "tulu"
-    """rds: prompt template used to render examples."""
-    max_length: int = 2048
-    """rds / embed: truncation length in tokens."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """rds / embed: rendering (rds) and truncation length in tokens."""
     batch_size: int = 16
     """rds / embed: examples per forward pass."""
     device: str = "cpu"
@@ -162,10 +172,10 @@ def load_targets(paths: Sequence[str]) -> list[Example]:
 # ---------------------------------------------------------------- feature-based methods
 
 
-def _source(cfg: SelectConfig, ckpts: list[CheckpointFeatures]) -> FeatureSource:
+def _source(cfg: SelectConfig, stores: list[CheckpointStores], ckpts: list[CheckpointFeatures]) -> FeatureSource:
     """The features and their geometry: LESS is cosine scores without whitening by definition."""
     geometry = FeatureGeometry() if cfg.method == "less" else FeatureGeometry(cfg.normalise, cfg.whiten)
-    return FeatureSource(ckpts, cfg.pool_stores, cfg.sampled_target_stores, cfg.chunk_rows, cfg.device, geometry)
+    return FeatureSource(ckpts, stores, cfg.chunk_rows, cfg.device, geometry)
 
 
 def _less_select(src: FeatureSource, k: int, cand_ids: list[str], targets: list[Example]) -> Selection:
@@ -183,11 +193,10 @@ def _less_select(src: FeatureSource, k: int, cand_ids: list[str], targets: list[
     return Selection(idx, vals, vals, [None] * k, {"subtasks": len(sub_idx)})
 
 
-def _feature_select(cfg: SelectConfig, k: int, ckpts: list[CheckpointFeatures], cand_ids: list[str],
+def _feature_select(cfg: SelectConfig, k: int, src: FeatureSource, cand_ids: list[str],
                     targets: list[Example]) -> Selection:
     from iaif.selection.greedy import greedy_select
 
-    src = _source(cfg, ckpts)
     if cfg.method == "less":
         return _less_select(src, k, cand_ids, targets)
     terms = influence_terms(cfg.curvature, src, cand_ids, [t.id for t in targets], [t.task for t in targets])
@@ -274,11 +283,12 @@ def _select_features(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Examp
     from iaif.selection.checks import check_stores, pool_candidates
 
     targets = load_targets(cfg.targets)
-    ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
-    check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
-    candidates, extra = pool_candidates(pool, cfg.pool_stores, cfg.allow_missing_features)
+    stores = checkpoint_stores(cfg)
+    ckpts = open_checkpoints(stores)
+    check_stores(target_store_paths(stores), targets)
+    candidates, extra = pool_candidates(pool, [p.pool for p in stores], cfg.allow_missing_features)
     k = resolve_k(cfg.k, cfg.fraction, len(candidates))
-    return candidates, _feature_select(cfg, k, ckpts, [e.id for e in candidates], targets), extra
+    return candidates, _feature_select(cfg, k, _source(cfg, stores, ckpts), [e.id for e in candidates], targets), extra
 
 
 def _select_random(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:
@@ -305,7 +315,7 @@ def _select_rds(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], 
     """rds: similarity of base-model hidden states."""
     from iaif.selection.baselines.rds import rds_embeddings
 
-    return _similarity(cfg, pool, lambda xs: rds_embeddings(xs, cfg.model, cfg.template, cfg.max_length,
+    return _similarity(cfg, pool, lambda xs: rds_embeddings(xs, cfg.model, cfg.text.template, cfg.text.max_length,
                                                             cfg.batch_size, cfg.device))
 
 
@@ -314,7 +324,7 @@ def _select_embed(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example]
     from iaif.selection.baselines.embed import sentence_embeddings
 
     return _similarity(cfg, pool, lambda xs: sentence_embeddings(xs, cfg.embedder, cfg.batch_size, cfg.device,
-                                                                 cfg.max_length))
+                                                                 cfg.text.max_length))
 
 
 def _select_airrep(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:

@@ -15,7 +15,7 @@ import torch
 
 from iaif.cli import main
 from iaif.selection.features.extract import ExtractConfig, run_extract
-from iaif.training.data import DataConfig
+from iaif.training.data import DataConfig, TextFormat
 from iaif.training.lora import LoraSettings, ModelConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
@@ -38,7 +38,7 @@ def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     stores = {}
     for name, data in (("pool", pool), ("target", target)):
         cfg = ExtractConfig(model=ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32"),
-                            lora=LoraSettings(r=4, alpha=8, dropout=0.0), data=DataConfig(path=data), max_length=64,
+                            lora=LoraSettings(r=4, alpha=8, dropout=0.0), data=DataConfig(path=data), text=TextFormat(max_length=64),
                             dim=32, output_dir=str(root / "stores" / name))
         stores[name] = str(run_extract(cfg))
     return {"root": root, "model": str(tiny_model_dir), "pool": pool, "target": target, **{f"{k}_store": v for k, v in stores.items()}}

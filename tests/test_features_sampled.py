@@ -17,7 +17,7 @@ import torch
 from iaif.selection.features.extract import ExtractConfig, run_extract
 from iaif.selection.features.store import FeatureStore, StoreMismatchError
 from iaif.selection.select import SelectConfig, run_select
-from iaif.training.data import IGNORE_INDEX, DataConfig
+from iaif.training.data import IGNORE_INDEX, DataConfig, TextFormat
 from iaif.training.lora import LoraSettings, ModelConfig
 
 WORDS = "the a cat dog runs over under blue red green house tree river stone light dark big small one two".split()
@@ -37,7 +37,7 @@ def _write(path: Path, n: int, seed: int, prefix: str) -> Path:
 def _cfg(model_dir: Path, data: Path, out: Path, **changes) -> ExtractConfig:
     cfg = ExtractConfig(model=ModelConfig(name_or_path=str(model_dir), precision="fp32"),
                         lora=LoraSettings(r=4, alpha=8, dropout=0.0), data=DataConfig(path=str(data)),
-                        max_length=64, dim=64, seed=0, store_dtype="fp32", token_budget=256, max_batch_size=4,
+                        text=TextFormat(max_length=64), dim=64, seed=0, store_dtype="fp32", token_budget=256, max_batch_size=4,
                         shard_examples=4, output_dir=str(out))
     return replace(cfg, **changes)
 
@@ -67,7 +67,7 @@ def test_rows_equal_brute_force_on_sampled_labels(stores: dict, tiny_model_dir: 
     cfg, store = stores["cfg"], stores["sampled"]
     torch.manual_seed(cfg.seed)  # the fresh adapter of run_extract
     model = add_lora(load_base_model(cfg.model), cfg.lora).eval()
-    examples, _ = tokenize_examples(load_examples(cfg.data), load_tokenizer(cfg.model), cfg.template, cfg.max_length)
+    examples, _ = tokenize_examples(load_examples(cfg.data), load_tokenizer(cfg.model), cfg.text.template, cfg.text.max_length)
     assert store.ids == [f"{ex.id}#{r}" for ex in examples for r in range(R)]
     assert store.meta.sampled_labels == R and store.meta.sample_seed == 7 and store.meta.feature == "grad"
     assert stores["true"].meta.sampled_labels == 0 and stores["true"].meta.sample_seed is None

@@ -20,7 +20,7 @@ import torch
 
 from iaif.selection.features.extract import ExtractConfig, run_extract
 from iaif.selection.features.store import FeatureStore, ShardWriter, StoreMismatchError
-from iaif.training.data import DataConfig
+from iaif.training.data import DataConfig, TextFormat
 from iaif.training.lora import LoraSettings, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def make_cfg(model_dir: Path, data_path: Path, out: Path, **changes) -> ExtractC
     cfg = ExtractConfig(
         model=ModelConfig(name_or_path=str(model_dir), precision="fp32"),
         lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-        data=DataConfig(path=str(data_path)), max_length=128, dim=256, seed=0,
+        data=DataConfig(path=str(data_path)), text=TextFormat(max_length=128), dim=256, seed=0,
         token_budget=160, max_batch_size=2, shard_examples=8, output_dir=str(out),
     )
     return replace(cfg, **changes)
@@ -52,7 +52,7 @@ def make_cfg(model_dir: Path, data_path: Path, out: Path, **changes) -> ExtractC
 def cli_args(cfg: ExtractConfig) -> list[str]:
     return ["--model.name_or_path", cfg.model.name_or_path, "--model.precision", "fp32",
             "--lora.r", "8", "--lora.alpha", "16", "--lora.dropout", "0.0",
-            "--data.path", cfg.data.path, "--max_length", "128", "--dim", "256", "--seed", "0",
+            "--data.path", cfg.data.path, "--text.max_length", "128", "--dim", "256", "--seed", "0",
             "--token_budget", "160", "--max_batch_size", "2", "--shard_examples", "8", "--output_dir", cfg.output_dir]
 
 
@@ -206,7 +206,7 @@ def test_adam_features_from_a_warmup_checkpoint(tiny_model_dir: Path, data_file:
     b1, b2 = state["betas"]
     eps = state["eps"]
     tok = load_tokenizer(mcfg)
-    examples, _ = tokenize_examples(load_examples(cfg.data), tok, "tulu", cfg.max_length)
+    examples, _ = tokenize_examples(load_examples(cfg.data), tok, "tulu", cfg.text.max_length)
     peft_model = PeftModel.from_pretrained(load_base_model(mcfg), str(ckpt / "adapter"), is_trainable=True).eval()
     matrices = find_lora_matrices(peft_model)
     params = dict(peft_model.named_parameters())

@@ -16,7 +16,7 @@ from iaif.common.atomic import append_line
 from iaif.common.contracts import SUBSETS_FILE, read_subset_rows
 from iaif.evaluation.lds import subsets as subsets_module
 from iaif.evaluation.lds.subsets import SubsetsConfig, draw_subset, run_subsets
-from iaif.training.data import DataConfig
+from iaif.training.data import DataConfig, TextFormat
 from iaif.training.finetune import TrainConfig, TrainingSettings
 from iaif.training.lora import LoraSettings, ModelConfig
 
@@ -39,7 +39,8 @@ def cfg(tmp_path: Path, tiny_model_dir: Path) -> SubsetsConfig:
                         lora=LoraSettings(r=2, alpha=4, dropout=0.0),
                         training=TrainingSettings(learning_rate=1e-2, num_epochs=1, lr_scheduler_type="constant", warmup_ratio=0.0,
                                                   effective_batch_size=4,
-                                                  per_device_batch_size=4, max_length=48, save_steps=-1))
+                                                  per_device_batch_size=4, save_steps=-1),
+                        text=TextFormat(max_length=48))
     return SubsetsConfig(train=train, targets=[target], size=4, num_subsets=2, output_dir=str(tmp_path / "out"))
 
 

@@ -17,7 +17,7 @@ from iaif.config import ConfigError, config_from_dict, config_from_yaml
 from iaif.pipeline import PipelineConfig, _compose, run_pipeline
 
 SMALL = {
-    "seeds": [0, 1], "fraction": 0.1, "max_length": 128,
+    "seeds": [0, 1], "fraction": 0.1, "text": {"max_length": 128},
     "demo_data": {"per_target_family": 20, "per_other_family": 10, "num_filler": 10, "clusters_per_target": 2,
                   "cluster_size": 4, "validation_size": 4, "test_size": 6, "num_countries": 10},
     "warmup": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
@@ -60,6 +60,19 @@ def test_section_typo_fails_at_load_naming_file_and_key(tmp_path, section, typo,
         config_from_yaml(PipelineConfig, path)
     path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), section: {}}))
     assert getattr(config_from_yaml(PipelineConfig, path), section) == {}
+
+
+def test_text_block_typo_fails_at_load_naming_file_and_key(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("text: {template: tulu, max_lenght: 64}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: text.max_lenght: Key 'max_lenght' not in 'TextFormat'"):
+        config_from_yaml(PipelineConfig, path)
+    path.write_text("text: {template: plain}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: text.template: "):
+        config_from_yaml(PipelineConfig, path)
+    path.write_text("extract: {text: {max_lenght: 64}}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: extract.text.max_lenght: "):
+        config_from_yaml(PipelineConfig, path)
 
 
 def test_pipeline_does_not_import_the_cli():
@@ -121,6 +134,11 @@ def test_select_per_target_task(tmp_path, tiny_model_dir):
             sel = yaml.safe_load((out / "select" / task / name / "config.yaml").read_text())
             assert [Path(p).parent.name for p in sel["targets"]] == [task]  # .../targets/<task>/validation.jsonl
     assert not (out / "select" / "first-order").exists()
+    # the pipeline's one text block reached every stage that renders text
+    written = [out / "warmup", out / "features" / "epoch1" / "pool", out / "features" / "epoch2" / "target-add",
+               out / "select" / "add" / "first-order"]
+    for folder in written:
+        assert yaml.safe_load((folder / "config.yaml").read_text())["text"] == {"template": "tulu", "max_length": 128}
     # the per-task selection is the one `iaif select` makes by hand with that task's targets and stores only
     from iaif.selection.select import SelectConfig, run_select, selected_ids
     from iaif.training.data import DataConfig

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from iaif.cli import main
+from iaif.common.contracts import CheckpointStores
+from iaif.config import ConfigError, config_from_yaml
 from iaif.selection.attribute import AttributeConfig, run_attribute
 from iaif.selection.estimators import ef_group_estimate
 from iaif.selection.features.fingerprint import dataset_fingerprint, write_digests
 from iaif.selection.features.store import StoreMismatchError
-from iaif.selection.influence import FeatureError
+from iaif.selection.influence import FeatureError, pair_stores
 from iaif.selection.select import SelectConfig, duplicate_rate, run_select
-from iaif.training.data import DataConfig, TokenizedExample, load_examples, tokenize_examples
+from iaif.training.data import DataConfig, TextFormat, TokenizedExample, load_examples, tokenize_examples
 from iaif.training.lora import ModelConfig, load_tokenizer
 
 DIM = 6
@@ -195,6 +197,52 @@ def test_stores_of_other_projection(setup):
     _assert_nothing_written(setup)
 
 
+def _pairs(s: dict, targets: tuple[int, int] = (0, 1)) -> list[CheckpointStores]:
+    return [CheckpointStores(pool=s["pool_stores"][c], targets=[s["target_stores"][t]]) for c, t in enumerate(targets)]
+
+
+def test_flat_store_lists_are_paired_by_adapter_hash(setup):
+    expected = [CheckpointStores(pool=setup["pool_stores"][c], targets=[setup["target_stores"][c]], adapter_hash=f"ad{c}")
+                for c in (0, 1)]
+    assert pair_stores(setup["pool_stores"], setup["target_stores"][::-1]) == expected
+    odd = _store(setup["tmp"] / "odd" / "c9", setup["tids"], setup["tf"][0], "ad9", 0.6)
+    with pytest.raises(StoreMismatchError, match=f"{odd}: target store from a checkpoint without a pool store"):
+        pair_stores(setup["pool_stores"], [*setup["target_stores"], odd])
+
+
+def test_checkpoints_list_selects_as_the_flat_lists_and_replays_from_yaml(setup):
+    flat = run_select(_cfg(setup, method="interaction", output_dir=str(setup["tmp"] / "flat")))
+    paired = run_select(_cfg(setup, method="interaction", pool_stores=[], target_stores=[], checkpoints=_pairs(setup),
+                             output_dir=str(setup["tmp"] / "paired")))
+    assert (paired / "selected.jsonl").read_bytes() == (flat / "selected.jsonl").read_bytes()
+    main(["select", "--config", str(paired / "config.yaml"), "--output_dir", str(setup["tmp"] / "replay")])
+    assert (setup["tmp"] / "replay" / "selected.jsonl").read_bytes() == (flat / "selected.jsonl").read_bytes()
+
+
+def test_checkpoints_and_flat_lists_together_is_an_error(setup):
+    with pytest.raises(ValueError, match="either as `checkpoints` .* or as --pool_stores / --target_stores, not both"):
+        run_select(_cfg(setup, checkpoints=_pairs(setup)))
+
+
+def test_stores_paired_with_another_checkpoint_are_named(setup):
+    pool0, tgt1 = setup["pool_stores"][0], setup["target_stores"][1]
+    with pytest.raises(StoreMismatchError, match=f"{tgt1}: made from adapter 'ad1', paired with checkpoint {pool0} "):
+        run_select(_cfg(setup, pool_stores=[], target_stores=[], checkpoints=_pairs(setup, (1, 0))))
+    pairs = _pairs(setup)
+    pairs[0].adapter_hash, pairs[0].checkpoint = "ad7", "warmup/checkpoint-epoch1"
+    with pytest.raises(StoreMismatchError, match=f"{pool0}: made from adapter 'ad0', paired with checkpoint "
+                                                 "warmup/checkpoint-epoch1 \\(adapter_hash 'ad7'\\)"):
+        run_select(_cfg(setup, pool_stores=[], target_stores=[], checkpoints=pairs))
+    _assert_nothing_written(setup)
+
+
+def test_checkpoints_typo_fails_at_load_naming_file_and_key(tmp_path):
+    path = tmp_path / "select.yaml"
+    path.write_text("checkpoints:\n  - pool: a\n    target: [b]\n")
+    with pytest.raises(ConfigError, match=f"^{path}: target: Key 'target' not in 'CheckpointStores'"):
+        config_from_yaml(SelectConfig, path)
+
+
 def test_targets_without_features(setup):
     with pytest.raises(FeatureError, match="no target store from the same checkpoint"):
         run_select(_cfg(setup, target_stores=setup["target_stores"][:1]))
@@ -247,7 +295,7 @@ def test_identity_curvature_runs_and_logs_parts(setup):
 @pytest.mark.parametrize("method", ["rds", "embed"])
 def test_similarity_methods_on_tiny_model(setup, tiny_model_dir, method):
     cfg = _cfg(setup, method=method, model=str(tiny_model_dir), embedder=str(tiny_model_dir), k=5,
-               similarity="round-robin", max_length=64, batch_size=8)
+               similarity="round-robin", text=TextFormat(max_length=64), batch_size=8)
     lines, summary = _read(run_select(cfg))
     assert len({r["_iaif"]["id"] for r in lines}) == 5 and summary["pool_size"] == 30
 

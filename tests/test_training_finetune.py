@@ -20,10 +20,11 @@ from iaif.training.checkpoint import (
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
+    recorded_adapter_hash,
 )
-from iaif.training.data import IGNORE_INDEX, DataConfig, load_examples, tokenize_examples
+from iaif.training.data import IGNORE_INDEX, DataConfig, TextFormat, load_examples, tokenize_examples
 from iaif.training.finetune import TrainConfig, TrainingSettings, run_train
-from iaif.training.lora import LoraSettings, ModelConfig, load_adapter, load_base_model, load_tokenizer
+from iaif.training.lora import LoraSettings, ModelConfig, adapter_hash, load_adapter, load_base_model, load_tokenizer
 from iaif.training.warmup import EpochCheckpointCallback, WarmupConfig, run_warmup
 
 
@@ -41,11 +42,11 @@ def write_pool(path: Path, n: int, seed: int = 0, selected: bool = False) -> Pat
 
 
 def small_config(cls, pool: Path, model_dir: Path, out: Path, lora_dropout: float = 0.0, **training):
-    settings = dict(learning_rate=5e-3, num_epochs=2, effective_batch_size=4, per_device_batch_size=2, max_length=96)
+    settings = dict(learning_rate=5e-3, num_epochs=2, effective_batch_size=4, per_device_batch_size=2)
     settings.update(training)
     return cls(data=DataConfig(path=str(pool)), model=ModelConfig(name_or_path=str(model_dir), precision="fp32"),
                lora=LoraSettings(r=4, alpha=16, dropout=lora_dropout), training=TrainingSettings(**settings),
-               output_dir=str(out))
+               text=TextFormat(max_length=96), output_dir=str(out))
 
 
 def answer_token_loss(model: torch.nn.Module, tokenizer, data: Path) -> float:
@@ -110,6 +111,9 @@ def test_warmup_checkpoints_and_mean_learning_rates(warmup_run):
         assert c.betas == (0.9, 0.999) and c.eps == 1e-8
     assert sum(c.lr_weight for c in ckpts) == pytest.approx(1.0)
     assert ckpts[0].mean_lr > ckpts[1].mean_lr > ckpts[2].mean_lr  # linear decay
+    # the hash a checkpoint records (the key of its feature stores) is the hash of its saved adapter
+    assert [recorded_adapter_hash(p) for p in paths] == [adapter_hash(c.adapter_dir) for c in ckpts]
+    assert len({c.adapter_hash for c in ckpts}) == 3
 
 
 def test_optimizer_state_is_keyed_by_adapter_parameter_names(warmup_run):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iaif.training.collate import PaddingCollator, TokenizedDataset
-from iaif.training.data import IGNORE_INDEX, DataConfig, TokenizedExample
+from iaif.training.data import IGNORE_INDEX, DataConfig, TextFormat, TokenizedExample
 from iaif.training.finetune import TrainConfig, TrainingSettings, gradient_accumulation_steps, run_train
 from iaif.training.lora import LoraSettings, ModelConfig, adapter_hash, add_lora, load_tokenizer, resolve_precision
 
@@ -92,7 +92,8 @@ def test_qlora_nf4_run(qlora_model_dir: Path, tmp_path: Path):
     pool.write_text("".join(json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n" for w in ["yes", "no", "maybe", "ok"]))
     out = run_train(TrainConfig(
         data=DataConfig(path=str(pool)), model=model_cfg, lora=LoraSettings(r=4, alpha=16, dropout=0.0),
-        training=TrainingSettings(learning_rate=1e-3, num_epochs=1, effective_batch_size=2, per_device_batch_size=2, max_length=64),
+        training=TrainingSettings(learning_rate=1e-3, num_epochs=1, effective_batch_size=2, per_device_batch_size=2),
+        text=TextFormat(max_length=64),
         output_dir=str(tmp_path / "run"),
     ))
     summary = json.loads((out / "train_summary.json").read_text())
@@ -204,7 +205,7 @@ def test_redirected_train_log_has_no_progress_bars_and_no_third_party_warnings(t
     pool.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i} it is."}) + "\n" for i in range(8)))
     cmd = [sys.executable, "-m", "iaif", "train", "--data.path", str(pool), "--model.name-or-path", str(tiny_model_dir),
            "--lora.r", "4", "--lora.alpha", "8", "--training.num-epochs", "1", "--training.effective-batch-size", "4",
-           "--training.per-device-batch-size", "4", "--training.max-length", "64", "--output-dir", str(tmp_path / "out")]
+           "--training.per-device-batch-size", "4", "--text.max-length", "64", "--output-dir", str(tmp_path / "out")]
     if modules:  # the demo's final fine-tunes adapt the (tied) embedding too: peft's notes on it stay out of the log
         cmd += ["--lora.target-modules", *modules]
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}

@@ -177,6 +177,21 @@ def load_checkpoint(directory: str | Path) -> WarmupCheckpoint:
     )
 
 
+def recorded_adapter_hash(directory: str | Path) -> str:
+    """The adapter hash a checkpoint records in ``checkpoint.json`` (the key its feature stores carry),
+    read without loading the checkpoint; a missing or malformed file is an error naming it."""
+    meta_file = Path(directory) / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file}: missing (not a warm-up checkpoint?)")
+    try:
+        value = json.loads(meta_file.read_text(encoding="utf-8")).get("adapter_hash")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{meta_file}: not a JSON object of checkpoint settings ({err})") from None
+    if not isinstance(value, str) or not value:
+        raise CheckpointError(f"{meta_file}: field 'adapter_hash' missing or not a string")
+    return value
+
+
 def list_checkpoints(warmup_dir: str | Path, require_complete: bool = True) -> list[Path]:
     """The run's ``checkpoint-epoch{E}`` folders in epoch order. With ``require_complete``, every
     epoch 1..num_epochs must be there (an interrupted warm-up must be resumed first)."""

@@ -367,6 +367,19 @@ def load_examples(cfg: DataConfig | str) -> list[Example]:
 Template = Literal["chat", "tulu"]
 
 
+@dataclass
+class TextFormat:
+    """How examples become tokens, one block shared by every stage that renders text (warm-up,
+    extract, train, subsets, select's rds/embed, airrep, lds) and by the pipeline, which feeds its
+    ``text:`` section to all of them."""
+
+    template: Template = "tulu"
+    """Rendering: Tulu-v2 `<|user|>`/`<|assistant|>` markers, or the tokenizer's chat template."""
+    max_length: int = 2048
+    """Token limit per example (longer ones are truncated on the right; examples left without answer
+    tokens are excluded)."""
+
+
 def render(example: Example, tokenizer: Any, template: Template) -> tuple[str, list[tuple[int, int]]]:
     """Render to text; return it with the character spans that count in the loss (assistant
     contents, each followed by the end-of-sequence token where the template puts one)."""

@@ -28,7 +28,7 @@ from iaif.common.dist import is_main_process, process_state
 from iaif.common.progress import on_terminal
 from iaif.common.provenance import CONFIG_FILE, config_to_dict, write_run_info
 from iaif.training.collate import PaddingCollator, TokenizedDataset
-from iaif.training.data import DataConfig, Example, Exclusion, Template, TokenizedExample, load_examples, tokenize_examples
+from iaif.training.data import DataConfig, Example, Exclusion, TextFormat, TokenizedExample, load_examples, tokenize_examples
 from iaif.training.lora import (
     LoraSettings,
     ModelConfig,
@@ -75,10 +75,6 @@ class TrainingSettings:
     """Gradient clipping norm (0: off)."""
     seed: int = 0
     """Seed of the LoRA initialisation, data order and dropout."""
-    max_length: int = 2048
-    """Token limit per example (longer ones are truncated on the right; examples left without answer tokens are excluded)."""
-    template: Template = "tulu"
-    """Rendering: Tulu-v2 `<|user|>`/`<|assistant|>` markers, or the tokenizer's chat template."""
     logging_steps: int = 1
     """Log loss and learning rate every N optimizer steps."""
     save_steps: int = 0
@@ -99,6 +95,8 @@ class TrainConfig:
     """LoRA adapter."""
     training: TrainingSettings = field(default_factory=TrainingSettings)
     """Optimisation."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """Prompt template and token limit (the block every text stage shares)."""
     output_dir: str = "runs/train"
     """Output folder: adapter/, trainer/ (resumable checkpoints), train_summary.json, config.yaml, run_info.json."""
     resume: bool = True
@@ -241,7 +239,7 @@ def train_adapter(
     checkpoint = prepare_output(out, cfg, stage, cfg.resume)
     precision = resolve_precision(cfg.model.precision)
     tokenizer = load_tokenizer(cfg.model)
-    kept, excluded = tokenize_examples(examples, tokenizer, cfg.training.template, cfg.training.max_length)
+    kept, excluded = tokenize_examples(examples, tokenizer, cfg.text.template, cfg.text.max_length)
     set_seed(cfg.training.seed)
     model = add_lora(load_base_model(cfg.model), cfg.lora)
     trainer = build_trainer(model, tokenizer, kept, cfg.training, out / TRAINER_DIR, precision, callbacks)

@@ -19,21 +19,22 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+import tyro
 
 from iaif.common.atomic import write_json, write_text
-from iaif.common.contracts import read_subset_rows
+from iaif.common.contracts import CheckpointStores, read_subset_rows
 from iaif.common.provenance import write_run_info
 from iaif.evaluation.lds.estimators import PoolTerms, predicted_effects
 from iaif.evaluation.lds.score import lds
 from iaif.selection.airrep.stage import embed
 from iaif.selection.airrep.train import AirRepTraining, group_table, split_rows, train_airrep, training_tables
-from iaif.selection.influence import FeatureGeometry, influence_matrix, open_checkpoints
+from iaif.selection.influence import FeatureGeometry, checkpoint_stores, influence_matrix, open_checkpoints, target_store_paths
 from iaif.selection.select import load_targets
-from iaif.training.data import DataConfig, Template, load_examples
+from iaif.training.data import DataConfig, TextFormat, load_examples
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "lds.json"
@@ -50,6 +51,8 @@ class LdsConfig:
     """The pool the subsets were drawn from (ids match the pool feature stores)."""
     targets: list[str] = field(default_factory=list)
     """The target files the subsets' losses were measured on (ids match the target stores)."""
+    checkpoints: Annotated[list[CheckpointStores], tyro.conf.Suppress] = field(default_factory=list)
+    """YAML only: the feature stores of each warm-up checkpoint, as in `iaif select`; or give the flat lists below."""
     pool_stores: list[str] = field(default_factory=list)
     """Pool feature stores, one per warm-up checkpoint (as in `iaif select`)."""
     target_stores: list[str] = field(default_factory=list)
@@ -62,10 +65,8 @@ class LdsConfig:
     """As `iaif select`'s whiten."""
     model: str = ""
     """Base model: its hidden states are the rds representation and AirRep's frozen encoder."""
-    template: Template = "tulu"
-    """Rendering for the base model's representations."""
-    max_length: int = 2048
-    """Token limit for the representations."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """Rendering and token limit for the base model's representations."""
     batch_size: int = 16
     """Examples per forward pass of the base model."""
     airrep: AirRepTraining = field(default_factory=AirRepTraining)
@@ -93,16 +94,16 @@ def _task_columns(tasks: list[str]) -> dict[str, list[int]]:
     return cols
 
 
-def pool_terms(cfg: LdsConfig, pool_ids: list[str], pool_x: torch.Tensor, target_x: torch.Tensor,
-               target_ids: list[str], target_tasks: list[str]) -> PoolTerms:
+def pool_terms(cfg: LdsConfig, stores: list[CheckpointStores], pool_ids: list[str], pool_x: torch.Tensor,
+               target_x: torch.Tensor, target_ids: list[str], target_tasks: list[str]) -> PoolTerms:
     """Φ (selector geometry and cosine), the optional sampled-label Φ and the representation similarity."""
-    ckpts = open_checkpoints(cfg.pool_stores, cfg.target_stores)
+    ckpts = open_checkpoints(stores)
     geometry = FeatureGeometry(cfg.normalise, cfg.whiten)
     phi = influence_matrix(ckpts, pool_ids, target_ids, cfg.chunk_rows, cfg.device, geometry).cpu()
     phi_cos = influence_matrix(ckpts, pool_ids, target_ids, cfg.chunk_rows, cfg.device, FeatureGeometry()).cpu()
     sampled = None
-    if cfg.sampled_target_stores:
-        gn = open_checkpoints(cfg.pool_stores, cfg.sampled_target_stores, sampled=True)
+    if any(p.sampled_targets for p in stores):
+        gn = open_checkpoints(stores, sampled=True)
         sampled = influence_matrix(gn, pool_ids, gn[0].target_ids, cfg.chunk_rows, cfg.device, geometry).cpu()
     similarity = (pool_x @ target_x.T).max(dim=1).values
     return PoolTerms(phi, phi_cos, _task_columns(target_tasks), sampled, similarity)
@@ -119,12 +120,13 @@ def run_lds(cfg: LdsConfig) -> Path:
     start = time.perf_counter()
     pool = load_examples(DataConfig(path=cfg.pool))
     targets = load_targets(cfg.targets)
-    check_stores([*cfg.target_stores, *cfg.sampled_target_stores], targets)
-    pool_candidates(pool, cfg.pool_stores, allow_missing=False)
+    stores = checkpoint_stores(cfg)
+    check_stores(target_store_paths(stores), targets)
+    pool_candidates(pool, [p.pool for p in stores], allow_missing=False)
     pool_ids = [e.id for e in pool]
-    pool_x = embed(pool, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)
-    target_x = embed(targets, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)
-    terms = pool_terms(cfg, pool_ids, pool_x, target_x, [t.id for t in targets], [t.task for t in targets])
+    pool_x = embed(pool, cfg.model, cfg.text.template, cfg.text.max_length, cfg.batch_size, cfg.device)
+    target_x = embed(targets, cfg.model, cfg.text.template, cfg.text.max_length, cfg.batch_size, cfg.device)
+    terms = pool_terms(cfg, stores, pool_ids, pool_x, target_x, [t.id for t in targets], [t.task for t in targets])
     timing = {"features_seconds": round(time.perf_counter() - start, 2)}
     start = time.perf_counter()
     train_tables, train_keys = training_tables(cfg.tables, pool_ids, cfg.holdout_fraction, cfg.split_seed)

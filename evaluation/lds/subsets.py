@@ -113,6 +113,7 @@ def recipe_hash(cfg: SubsetsConfig, size: int) -> str:
     train = config_to_dict(cfg.train)
     for key in ("output_dir", "resume"):
         train.pop(key, None)
+    train["training"].update(train.pop("text"))  # hashed where template and max_length were: tables keep their hash
     data: dict[str, Any] = {"train": train, "targets": list(cfg.targets), "size": size, "seed": cfg.seed}
     if cfg.draw != "uniform":  # uniform tables keep the hash they were written with
         data["draw"] = {"kind": cfg.draw, "alpha": cfg.mixture_alpha}
@@ -123,10 +124,10 @@ def recipe_hash(cfg: SubsetsConfig, size: int) -> str:
 def target_losses(model: Any, tokenizer: Any, targets: Sequence[Example], cfg: TrainConfig,
                   batch_size: int) -> tuple[float, dict[str, float]]:
     """Mean answer-token loss per target example, averaged over all examples and per task."""
-    kept, excluded = tokenize_examples(targets, tokenizer, cfg.training.template, cfg.training.max_length)
+    kept, excluded = tokenize_examples(targets, tokenizer, cfg.text.template, cfg.text.max_length)
     if excluded:
         raise ValueError(f"target example {excluded[0].id} has no answer token within max_length "
-                         f"{cfg.training.max_length}")
+                         f"{cfg.text.max_length}")
     collate = PaddingCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     was_training = model.training

@@ -21,7 +21,7 @@ from iaif.common.provenance import write_run_info
 from iaif.selection.airrep.model import AirRep, AirRepShape
 from iaif.selection.airrep.train import AirRepTraining, train_airrep, training_tables
 from iaif.selection.baselines.rds import rds_embeddings
-from iaif.training.data import DataConfig, Example, Template, load_examples
+from iaif.training.data import DataConfig, Example, Template, TextFormat, load_examples
 
 logger = logging.getLogger(__name__)
 MODEL_FILE = "airrep.pt"
@@ -39,10 +39,8 @@ class AirRepConfig:
     """The target files the subsets' losses were measured on."""
     model: str = ""
     """Base model (Hub id or local folder) whose hidden states are the frozen representations."""
-    template: Template = "tulu"
-    """Rendering of the examples."""
-    max_length: int = 2048
-    """Token limit per example."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """Rendering and token limit of the examples."""
     batch_size: int = 16
     """Examples per forward pass of the base model."""
     device: str = "cpu"
@@ -96,10 +94,10 @@ def run_airrep(cfg: AirRepConfig) -> Path:
     pool = load_examples(DataConfig(path=cfg.pool))
     targets = load_targets(cfg.targets)
     tables, keys = training_tables(cfg.tables, [e.id for e in pool], cfg.holdout_fraction, cfg.split_seed)
-    pool_x = embed(pool, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)
-    target_x = embed(targets, cfg.model, cfg.template, cfg.max_length, cfg.batch_size, cfg.device)
+    pool_x = embed(pool, cfg.model, cfg.text.template, cfg.text.max_length, cfg.batch_size, cfg.device)
+    target_x = embed(targets, cfg.model, cfg.text.template, cfg.text.max_length, cfg.batch_size, cfg.device)
     model, curve = train_airrep(pool_x, target_x, tables, cfg.training)
-    meta = {"model": cfg.model, "template": cfg.template, "max_length": cfg.max_length,
+    meta = {"model": cfg.model, "template": cfg.text.template, "max_length": cfg.text.max_length,
             "trained_on": [list(k) for k in keys], "holdout_fraction": cfg.holdout_fraction,
             "split_seed": cfg.split_seed, "loss_curve": [curve[0], curve[-1]]}
     out = Path(cfg.output_dir)

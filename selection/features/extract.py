@@ -40,7 +40,7 @@ from iaif.training.data import (
     TULU_SYSTEM,
     TULU_USER,
     DataConfig,
-    Template,
+    TextFormat,
     load_examples,
     tokenize_examples,
 )
@@ -62,10 +62,8 @@ class ExtractConfig:
     """LoRA settings of the fresh adapter used when no checkpoint is given."""
     data: DataConfig = field(default_factory=DataConfig)
     """The pool or target examples."""
-    template: Template = "tulu"
-    """Prompt format: Tulu-v2 markers or the tokenizer's chat template."""
-    max_length: int = 2048
-    """Truncate examples to this many tokens (examples left without answer tokens are excluded and reported)."""
+    text: TextFormat = field(default_factory=TextFormat)
+    """Prompt template and token limit (examples left without answer tokens are excluded and reported)."""
     feature: FeatureKind = "grad"
     """grad: plain per-example gradients (targets); adam: Adam update directions from the checkpoint's optimizer state (pool)."""
     projection: ProjectionKind = "factorised"
@@ -130,9 +128,9 @@ def run_extract(cfg: ExtractConfig) -> Path:
     state = process_state(cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
-    examples, excluded = tokenize_examples(load_examples(cfg.data), tokenizer, cfg.template, cfg.max_length)
+    examples, excluded = tokenize_examples(load_examples(cfg.data), tokenizer, cfg.text.template, cfg.text.max_length)
     if not examples:
-        raise ValueError(f"{cfg.data.path}: every example was excluded (no answer tokens within max_length={cfg.max_length})")
+        raise ValueError(f"{cfg.data.path}: every example was excluded (no answer tokens within max_length={cfg.text.max_length})")
     ids = [ex.id for ex in examples]
     draws = max(cfg.sampled_labels, 1)
     row_ids = [sampled_row_id(i, r) for i in ids for r in range(cfg.sampled_labels)] if cfg.sampled_labels else ids
@@ -145,8 +143,8 @@ def run_extract(cfg: ExtractConfig) -> Path:
         feature=cfg.feature, projection=cfg.projection, projection_seed=cfg.seed, dim=cfg.dim,
         projection_version=PROJECTION_VERSION, dtype=dtype,
         dataset=cfg.data.path, dataset_fingerprint=dataset_fingerprint(examples), num_examples=len(examples),
-        num_excluded=len(excluded), template=cfg.template, template_hash=template_hash(cfg.template, tokenizer),
-        max_length=cfg.max_length, lora_parameters=featurizer.num_parameters, normalised=False,
+        num_excluded=len(excluded), template=cfg.text.template, template_hash=template_hash(cfg.text.template, tokenizer),
+        max_length=cfg.text.max_length, lora_parameters=featurizer.num_parameters, normalised=False,
         sampled_labels=cfg.sampled_labels, sample_seed=cfg.sample_seed if cfg.sampled_labels else None,
         tool_version=package_version(),
     )

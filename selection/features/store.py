@@ -125,9 +125,9 @@ class FeatureStore:
     ids: list[str]
     meta: StoreMeta
 
-    @classmethod
-    def open(cls, path: str | Path, expect: Mapping[str, Any] | None = None) -> FeatureStore:
-        """Open a finished store; with ``expect``, every given meta key must have that value."""
+    @staticmethod
+    def read_meta(path: str | Path) -> StoreMeta:
+        """The metadata of a finished store (folder ``path``), without opening its features."""
         path = Path(path)
         if not (path / META_FILE).is_file():
             partial = (path / SHARD_DIR).is_dir()
@@ -135,7 +135,13 @@ class FeatureStore:
                 f"{path}: not a finished feature store ({META_FILE} missing"
                 + ("; an unfinished extract job is there, rerun it to resume" if partial else "") + ")"
             )
-        meta = StoreMeta.read(path / META_FILE)
+        return StoreMeta.read(path / META_FILE)
+
+    @classmethod
+    def open(cls, path: str | Path, expect: Mapping[str, Any] | None = None) -> FeatureStore:
+        """Open a finished store; with ``expect``, every given meta key must have that value."""
+        path = Path(path)
+        meta = cls.read_meta(path)
         ids = json.loads((path / IDS_FILE).read_text(encoding="utf-8"))
         features = np.load(path / FEATURES_FILE, mmap_mode="r")
         if features.shape != (len(ids), meta.dim) or str(features.dtype) != meta.dtype:
