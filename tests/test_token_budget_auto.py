@@ -12,15 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import iaif.selection.features.extract as extract_module
+import iaif.training.finetune as finetune_module
 from iaif.common.oom import largest_fitting
 from iaif.selection.features.batching import token_budget_batches
 from iaif.selection.features.extract import ExtractConfig, run_extract
 from iaif.selection.features.featurizer import LoraFeaturizer
 from iaif.selection.features.store import FeatureStore
 from iaif.training.data import DataConfig, load_examples, tokenize_examples
-from iaif.training.lora import LoraSettings, ModelConfig, load_tokenizer
+from iaif.training.finetune import TrainConfig, run_train
+from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_tokenizer
+from tests.test_training_finetune import small_config, write_pool
 
 WORDS = "the a cat dog runs over under blue red green house tree river stone light dark".split()
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate {} bytes."
@@ -114,3 +118,43 @@ def test_extract_auto_budget_continues_after_out_of_memory(tiny_model_dir: Path,
     assert np.array_equal(np.asarray(auto.features), np.asarray(fixed.features))  # same plan: the same bytes
     small = FeatureStore.open(run_extract(extract_cfg(tiny_model_dir, pool, tmp_path / "small", token_budget=1)))
     assert np.allclose(np.asarray(auto.features), np.asarray(small.features), rtol=1e-4, atol=1e-6)  # batching-free
+
+
+ROW_LIMIT = 3
+"""Examples per forward pass the simulated device holds in training."""
+
+
+def add_limited_lora(model, lora):
+    """``add_lora``, on a simulated device where a forward pass over more than ``ROW_LIMIT`` examples runs out of memory."""
+    peft_model = add_lora(model, lora)
+
+    def limit(module, args, kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        SEEN_ROWS.append(rows)
+        if rows > ROW_LIMIT:
+            raise torch.OutOfMemoryError(f"simulated allocation limit: {rows} examples > {ROW_LIMIT}")
+
+    peft_model.register_forward_pre_hook(limit, with_kwargs=True)
+    return peft_model
+
+
+SEEN_ROWS: list[int] = []
+
+
+def test_train_auto_batch_size_continues_after_out_of_memory(tiny_model_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, one_thread):
+    data = write_pool(tmp_path / "pool.jsonl", 16)
+    auto_cfg = small_config(TrainConfig, data, tiny_model_dir, tmp_path / "auto", lora_dropout=0.1, num_epochs=1,
+                            effective_batch_size=8, per_device_batch_size="auto")
+    monkeypatch.setattr(finetune_module, "add_lora", add_limited_lora)
+    SEEN_ROWS.clear()
+    auto = run_train(auto_cfg)
+    monkeypatch.undo()
+    summary = json.loads((auto / "train_summary.json").read_text())
+    assert SEEN_ROWS[:3] == [8, 4, 2] and max(SEEN_ROWS[3:]) == 2  # two tries out of memory, then all batches fit
+    assert summary["per_device_batch_size"] == 2 and summary["gradient_accumulation_steps"] == 4
+    assert summary["global_step"] == 2
+    fixed = run_train(replace(auto_cfg, output_dir=str(tmp_path / "fixed"),
+                              training=replace(auto_cfg.training, per_device_batch_size=2)))
+    got, want = load_file(auto / "adapter" / "adapter_model.safetensors"), load_file(fixed / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)  # the probe changed nothing
