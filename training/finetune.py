@@ -113,11 +113,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def per_device_batch_size(settings: TrainingSettings) -> int:
+    """The per-device batch size (an error while it is still auto: ``resolve_batch_size`` resolves it)."""
+    if settings.per_device_batch_size == "auto":
+        raise ValueError("training.per_device_batch_size: auto is resolved by train_adapter (resolve_batch_size)")
+    return settings.per_device_batch_size
+
+
 def gradient_accumulation_steps(settings: TrainingSettings, processes: int) -> int:
     """Accumulation steps giving ``effective_batch_size``; it must divide exactly."""
-    if settings.per_device_batch_size == "auto":
-        raise ValueError("training.per_device_batch_size: auto must be resolved first (resolve_batch_size)")
-    per_step = settings.per_device_batch_size * processes
+    per_step = per_device_batch_size(settings) * processes
     if settings.effective_batch_size % per_step:
         raise ValueError(
             f"training.effective_batch_size={settings.effective_batch_size} is not a multiple of "
@@ -137,7 +142,7 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, preci
         warmup_steps=settings.warmup_ratio,  # a value below 1 is a ratio of the optimizer steps
         num_train_epochs=settings.num_epochs,
         max_steps=settings.max_steps if settings.max_steps > 0 else -1,
-        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_train_batch_size=per_device_batch_size(settings),
         gradient_accumulation_steps=gradient_accumulation_steps(settings, world_size()),
         weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1,
@@ -295,7 +300,7 @@ def train_adapter(
     trainer = build_trainer(model, tokenizer, kept, settings, out / TRAINER_DIR, precision, callbacks)
     logger.info(
         "%s: %d examples (%d excluded), %d processes, per-device batch %d, accumulation %d, %s",
-        stage, len(kept), len(excluded), world_size(), settings.per_device_batch_size,
+        stage, len(kept), len(excluded), world_size(), trainer.args.per_device_train_batch_size,
         trainer.args.gradient_accumulation_steps, precision,
     )
     if len(kept) < cfg.training.effective_batch_size:
