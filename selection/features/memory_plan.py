@@ -13,7 +13,8 @@ Peak = weights + activations + LoRA (+ gradients and Adam state) + projection bu
   (fp32), the attention's q, k, v, output and log-sum-exp (sdpa), plus the T×T probabilities for
   ``attention: eager`` (and sdpa's math fallback), the MLP's gate, SiLU output and up projection, and
   the LoRA inputs the method keeps (extract: the factorised hooks' projected inputs, or the inputs
-  themselves for dense/adam; train: each LoRA input and dropout mask); plus the logits block
+  themselves for dense/adam; train: each LoRA input and dropout mask; peft casts LoRA inputs to the
+  adapter's fp32); plus the logits block
   (logits, their fp32 copy, the saved log-softmax and two gradient buffers of the loss) and one
   layer's worth of gradient workspace. Frozen linear layers keep nothing (their input gradient needs
   only the weight);
@@ -221,9 +222,9 @@ def estimate(cfg: PlanConfig, shape: Shape) -> MemoryPlan:
             (_, k_in_a), (_, k_in_b) = _lora_side_dims(in_f, out_f, r, cfg.dim)
             kept = (k_in_a + k_in_b) * 4  # the hooks' projected inputs
         elif extract:
-            kept = (in_f + r) * e  # the inputs themselves
+            kept = (in_f + r) * 4  # the inputs themselves, cast to the adapter's fp32
         else:
-            kept = (in_f + r) * e + (in_f if cfg.lora.dropout > 0 else 0)  # LoRA inputs and dropout mask
+            kept = (in_f + r) * 4 + (in_f if cfg.lora.dropout > 0 else 0)  # fp32 LoRA inputs and dropout mask
         if layer >= 0:
             layer_lora[layer] += kept
         else:
