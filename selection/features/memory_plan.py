@@ -13,9 +13,10 @@ Peak = weights + activations + LoRA (+ gradients and Adam state) + projection bu
   (fp32), the attention's q, k, v, output and log-sum-exp (sdpa), plus the T×T probabilities for
   ``attention: eager`` (and sdpa's math fallback), the MLP's gate, SiLU output and up projection, and
   the LoRA inputs the method keeps (extract: the factorised hooks' projected inputs, or the inputs
-  themselves for dense/adam; train: each LoRA input and dropout mask; peft casts LoRA inputs to the
-  adapter's fp32); plus the logits block
-  (logits, their fp32 copy, the saved log-softmax and two gradient buffers of the loss) and one
+  themselves for dense/adam; train: each LoRA input and dropout mask, 1 byte per value on CUDA, the
+  input's dtype on the CPU; peft casts LoRA inputs to the adapter's fp32); plus the logits block
+  (logits, the fp32 log-softmax the loss keeps and two fp32 gradient buffers of its backward; the fp32
+  copy of bf16 logits is freed once the log-softmax is taken) and one
   layer's worth of gradient workspace. Frozen linear layers keep nothing (their input gradient needs
   only the weight);
 * LoRA: the adapter in fp32 (peft keeps it so for bf16 models); train adds its gradients and AdamW's
@@ -70,6 +71,8 @@ class PlanConfig:
     """Padded tokens per forward pass (extract: token_budget; train: per_device_batch_size × longest example)."""
     seq_len: int = 2048
     """Longest example in the batch (rows = token_budget // seq_len, at least 1)."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where it runs: dropout keeps a 1-byte mask on CUDA, a mask in the input's dtype on the CPU."""
     attention: Literal["sdpa", "eager"] = "sdpa"
     """sdpa: a fused kernel that keeps no T×T matrix; eager (and sdpa's math fallback): keeps the attention probabilities."""
     feature: FeatureKind = "grad"
@@ -224,12 +227,13 @@ def estimate(cfg: PlanConfig, shape: Shape) -> MemoryPlan:
         elif extract:
             kept = (in_f + r) * 4  # the inputs themselves, cast to the adapter's fp32
         else:
-            kept = (in_f + r) * 4 + (in_f if cfg.lora.dropout > 0 else 0)  # fp32 LoRA inputs and dropout mask
+            mask = (1 if cfg.device == "cuda" else 4) * in_f if cfg.lora.dropout > 0 else 0
+            kept = (in_f + r) * 4 + mask  # fp32 LoRA inputs and dropout mask
         if layer >= 0:
             layer_lora[layer] += kept
         else:
             outside += kept
-    logits = shape.vocab * (e + (4 if e != 4 else 0) + 3 * 4)  # logits, fp32 copy, log-softmax, two gradients
+    logits = shape.vocab * (e + 3 * 4)  # logits, the fp32 log-softmax kept, two fp32 gradients in the loss's backward
     per_token = sum(per_layer + extra for extra in layer_lora) + outside + shape.hidden * 4 + logits
     per_token += per_layer + max(layer_lora, default=0)  # one layer's gradient workspace in the backward pass
     if extract:
