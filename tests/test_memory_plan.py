@@ -59,8 +59,10 @@ def test_activations_grow_with_tokens_and_eager_attention(tiny_model_dir: Path):
     one, two = estimate(base, shape), estimate(replace(base, token_budget=2048), shape)
     assert two.activations == 2 * one.activations and two.weights == one.weights
     eager = estimate(replace(base, attention="eager"), shape)
-    # eager keeps the fp32 softmax and its bf16 cast: heads × seq_len × 6 bytes per token per layer, plus one workspace layer
-    assert eager.activations - one.activations == 1024 * (shape.layers + 1) * shape.heads * 128 * 6
+    # eager keeps the fp32 softmax and its bf16 cast: heads × seq_len × 6 bytes per token in each layer (and in
+    # the one layer's gradients of the backward's peak, when they outweigh the loss's)
+    probs = 1024 * shape.heads * 128 * 6
+    assert shape.layers * probs <= eager.activations - one.activations <= (shape.layers + 1) * probs
 
 
 def test_store_size_matches_a_written_store(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -15,10 +15,10 @@ Peak = weights + activations + LoRA (+ gradients and Adam state) + projection bu
   the LoRA inputs the method keeps (extract: the factorised hooks' projected inputs, or the inputs
   themselves for dense/adam; train: each LoRA input and dropout mask, 1 byte per value on CUDA, the
   input's dtype on the CPU; peft casts LoRA inputs to the adapter's fp32); plus the logits block
-  (logits, the fp32 log-softmax the loss keeps and two fp32 gradient buffers of its backward; the fp32
-  copy of bf16 logits is freed once the log-softmax is taken) and one
-  layer's worth of gradient workspace. Frozen linear layers keep nothing (their input gradient needs
-  only the weight);
+  (logits and the fp32 log-softmax the loss keeps; the fp32 copy of bf16 logits is freed once the
+  log-softmax is taken); plus the backward pass's own buffers at its peak, the larger of the loss's two
+  fp32 [T, V] gradients and one layer's gradients. Frozen linear layers keep nothing (their input
+  gradient needs only the weight);
 * LoRA: the adapter in fp32 (peft keeps it so for bf16 models); train adds its gradients and AdamW's
   two moments, extract with ``feature: adam`` the checkpoint's two moments;
 * projection buffers (extract): the cached factorised projection matrices and the per-batch feature
@@ -233,9 +233,11 @@ def estimate(cfg: PlanConfig, shape: Shape) -> MemoryPlan:
             layer_lora[layer] += kept
         else:
             outside += kept
-    logits = shape.vocab * (e + 3 * 4)  # logits, the fp32 log-softmax kept, two fp32 gradients in the loss's backward
-    per_token = sum(per_layer + extra for extra in layer_lora) + outside + shape.hidden * 4 + logits
-    per_token += per_layer + max(layer_lora, default=0)  # one layer's gradient workspace in the backward pass
+    kept = sum(per_layer + extra for extra in layer_lora) + outside + shape.hidden * 4  # + the final norm's input
+    kept += shape.vocab * (e + 4)  # the logits and the fp32 log-softmax the loss keeps
+    # the backward's own buffers on top of what is kept: the loss's two fp32 [T, V] gradients at its start, or
+    # later one layer's gradients (as large as its kept activations; earlier layers' are freed by then)
+    per_token = kept + max(2 * 4 * shape.vocab, per_layer + max(layer_lora, default=0))
     if extract:
         per_token += shape.hidden * e  # the input embeddings the backward pass targets
     activations = tokens * per_token
