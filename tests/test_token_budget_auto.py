@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training_finetune import small_config, write_pool
 
 import iaif.selection.features.extract as extract_module
 import iaif.training.finetune as finetune_module
@@ -24,7 +25,6 @@ from iaif.selection.features.store import FeatureStore
 from iaif.training.data import DataConfig, load_examples, tokenize_examples
 from iaif.training.finetune import TrainConfig, run_train
 from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_tokenizer
-from tests.test_training_finetune import small_config, write_pool
 
 WORDS = "the a cat dog runs over under blue red green house tree river stone light dark".split()
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate {} bytes."
