@@ -29,6 +29,19 @@ def wait_for_everyone() -> None:
     process_state().wait_for_everyone()
 
 
+def min_across_processes(value: int) -> int:
+    """The smallest of every process's ``value`` (``value`` itself in a plain run)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64, device=state.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                     "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from iaif.selection.airrep.stage import AirRepConfig
     from iaif.selection.attribute import AttributeConfig
     from iaif.selection.features.extract import ExtractConfig
+    from iaif.selection.features.memory_plan import PlanConfig
     from iaif.selection.select import SelectConfig
     from iaif.training.finetune import TrainConfig
     from iaif.training.warmup import WarmupConfig
@@ -70,6 +71,12 @@ def _extract() -> Loaded[ExtractConfig]:
     from iaif.selection.features.extract import ExtractConfig, run_extract
 
     return ExtractConfig, run_extract
+
+
+def _plan() -> Loaded[PlanConfig]:
+    from iaif.selection.features.memory_plan import PlanConfig, run_plan
+
+    return PlanConfig, run_plan
 
 
 def _select() -> Loaded[SelectConfig]:
@@ -133,6 +140,7 @@ STAGES: dict[str, Stage[Any]] = {
                           _targets),
     "warmup": Stage("LoRA warm-up on a random fraction of the pool; one checkpoint per epoch", _warmup),
     "extract": Stage("projected per-example LoRA-gradient features into a feature store", _extract),
+    "plan": Stage("expected peak memory per device of extract or train, and the feature store's size on disk", _plan),
     "select": Stage("choose a subset of the pool (interaction, less, first-order, random, rds, embed)", _select),
     "attribute": Stage("group attribution: first-order and interaction-aware estimate of a group", _attribute),
     "train": Stage("LoRA / QLoRA fine-tuning on a dataset or a selected subset", _train),

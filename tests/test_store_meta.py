@@ -22,7 +22,8 @@ FRESH = {
 def test_round_trip_keeps_the_json_keys(tmp_path: Path) -> None:
     fresh = StoreMeta.from_dict(FRESH, "x")
     assert fresh.to_dict() == FRESH and fresh.epoch is None  # checkpoint-only keys stay absent
-    warm = {**FRESH, "checkpoint": "ckpt", "lr_weight": 0.5, "epoch": 2, "mean_lr": 1e-3}
+    assert fresh.token_budget is None  # a store written before the budget was recorded still reads
+    warm = {**FRESH, "checkpoint": "ckpt", "lr_weight": 0.5, "epoch": 2, "mean_lr": 1e-3, "token_budget": 4096}
     path = tmp_path / "meta.json"
     path.write_text(json.dumps(warm))
     assert StoreMeta.read(path).to_dict() == warm

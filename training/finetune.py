@@ -16,15 +16,16 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
 from iaif.common.contracts import ADAPTER_DIR
-from iaif.common.dist import is_main_process, process_state
+from iaif.common.dist import is_main_process, min_across_processes, process_state
+from iaif.common.oom import largest_fitting
 from iaif.common.progress import on_terminal
 from iaif.common.provenance import CONFIG_FILE, config_to_dict, write_run_info
 from iaif.training.collate import PaddingCollator, TokenizedDataset
@@ -61,8 +62,10 @@ class TrainingSettings:
     """Stop after this many optimizer steps (0: run num_epochs whole epochs)."""
     effective_batch_size: int = 128
     """Examples per optimizer step over all processes: per_device_batch_size x processes x accumulation."""
-    per_device_batch_size: int = 1
-    """Examples per forward pass on each process."""
+    per_device_batch_size: int | Literal["auto"] = 1
+    """Examples per forward pass on each process; auto: the largest divisor of effective_batch_size / processes
+    at which a training step on the longest examples fits in memory (halved on out-of-memory; logged and
+    written to train_summary.json)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_beta1: float = 0.9
@@ -108,9 +111,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def per_device_batch_size(settings: TrainingSettings) -> int:
+    """The per-device batch size (an error while it is still auto: ``resolve_batch_size`` resolves it)."""
+    if settings.per_device_batch_size == "auto":
+        raise ValueError("training.per_device_batch_size: auto is resolved by train_adapter (resolve_batch_size)")
+    return settings.per_device_batch_size
+
+
 def gradient_accumulation_steps(settings: TrainingSettings, processes: int) -> int:
     """Accumulation steps giving ``effective_batch_size``; it must divide exactly."""
-    per_step = settings.per_device_batch_size * processes
+    per_step = per_device_batch_size(settings) * processes
     if settings.effective_batch_size % per_step:
         raise ValueError(
             f"training.effective_batch_size={settings.effective_batch_size} is not a multiple of "
@@ -130,7 +140,7 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, preci
         warmup_steps=settings.warmup_ratio,  # a value below 1 is a ratio of the optimizer steps
         num_train_epochs=settings.num_epochs,
         max_steps=settings.max_steps if settings.max_steps > 0 else -1,
-        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_train_batch_size=per_device_batch_size(settings),
         gradient_accumulation_steps=gradient_accumulation_steps(settings, world_size()),
         weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1,
@@ -152,6 +162,48 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, preci
         report_to="none",
         disable_tqdm=not on_terminal(),  # redirected logs get the one-line loss logs instead of a bar
     )
+
+
+def resolve_batch_size(settings: TrainingSettings, model: Any, examples: Sequence[TokenizedExample], pad_token_id: int,
+                       precision: str, resume_from: str | None = None) -> TrainingSettings:
+    """``settings`` with ``per_device_batch_size: auto`` replaced by the size found: the one a resumed
+    run (``resume_from``) started with, else the largest divisor of the per-process share of the
+    effective batch at which a forward and backward pass on the longest examples fits in memory
+    (``largest_fitting``; over several processes the smallest of theirs). The probe leaves the
+    random state and the gradients as they were."""
+    if settings.per_device_batch_size != "auto":
+        return settings
+    processes = world_size()
+    if settings.effective_batch_size % processes:
+        raise ValueError(f"training.effective_batch_size={settings.effective_batch_size} is not a multiple of "
+                         f"{processes} processes")
+    share = settings.effective_batch_size // processes
+    if resume_from is not None:
+        state = json.loads((Path(resume_from) / "trainer_state.json").read_text(encoding="utf-8"))
+        logger.info("per_device_batch_size auto: resuming with %d", state["train_batch_size"])
+        return replace(settings, per_device_batch_size=int(state["train_batch_size"]))
+    device = process_state().device
+    if not getattr(model, "hf_device_map", None):  # 4-bit models are placed when loaded
+        model.to(device)
+    longest = sorted(examples, key=lambda ex: (-len(ex), ex.id))
+    collate = PaddingCollator(pad_token_id)
+
+    def probe(size: int) -> None:
+        batch = collate([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in longest[:size]])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model.train()
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision in ("bf16", "4bit")):
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss.backward()
+            finally:
+                model.zero_grad(set_to_none=True)
+
+    start = max(d for d in range(1, min(share, len(examples)) + 1) if share % d == 0)
+    found = largest_fitting(probe, start, allowed=lambda d: share % d == 0, what="training.per_device_batch_size")
+    size = min_across_processes(found)
+    logger.info("per_device_batch_size auto: %d examples per forward pass", size)
+    return replace(settings, per_device_batch_size=size)
 
 
 def build_trainer(
@@ -242,10 +294,12 @@ def train_adapter(
     kept, excluded = tokenize_examples(examples, tokenizer, cfg.text.template, cfg.text.max_length)
     set_seed(cfg.training.seed)
     model = add_lora(load_base_model(cfg.model), cfg.lora)
-    trainer = build_trainer(model, tokenizer, kept, cfg.training, out / TRAINER_DIR, precision, callbacks)
+    settings = resolve_batch_size(cfg.training, model, kept, tokenizer.pad_token_id, precision, checkpoint)
+    trainer = build_trainer(model, tokenizer, kept, settings, out / TRAINER_DIR, precision, callbacks)
     logger.info(
-        "%s: %d examples (%d excluded), %d processes, accumulation %d, %s",
-        stage, len(kept), len(excluded), world_size(), trainer.args.gradient_accumulation_steps, precision,
+        "%s: %d examples (%d excluded), %d processes, per-device batch %d, accumulation %d, %s",
+        stage, len(kept), len(excluded), world_size(), trainer.args.per_device_train_batch_size,
+        trainer.args.gradient_accumulation_steps, precision,
     )
     if len(kept) < cfg.training.effective_batch_size:
         logger.warning("only %d examples for an effective batch of %d: one optimizer step per epoch",
@@ -256,13 +310,15 @@ def train_adapter(
 
 
 def write_summary(trainer: Any, out: Path, n_examples: int, excluded: Sequence[Exclusion], **extra: Any) -> None:
-    """``train_summary.json``: example counts, exclusions, steps, final loss, the Trainer's log history."""
+    """``train_summary.json``: example counts, exclusions, steps, batch size used, final loss, the Trainer's log history."""
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = {
         "examples": n_examples,
         "trained_examples": n_examples - len(excluded),
         "excluded": [vars(e) for e in excluded],
         "global_step": trainer.state.global_step,
+        "per_device_batch_size": trainer.args.per_device_train_batch_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         **extra,

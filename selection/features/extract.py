@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from iaif.common.atomic import write_json
-from iaif.common.dist import process_state
+from iaif.common.dist import min_across_processes, process_state
+from iaif.common.oom import largest_fitting
 from iaif.common.progress import progress
 from iaif.selection.features.batching import group_shards, token_budget_batches
 from iaif.selection.features.featurizer import PROJECTION_VERSION, FeatureKind, LoraFeaturizer, load_lora_model, sampled_relabel
@@ -79,8 +81,10 @@ class ExtractConfig:
     """Seed of the label sampling (sampled_labels > 0)."""
     store_dtype: Literal["fp16", "fp32"] = "fp16"
     """Dtype of the stored features."""
-    token_budget: int = 8192
-    """Padded tokens per batch (batch size × longest example in it)."""
+    token_budget: int | Literal["auto"] = 8192
+    """Padded tokens per batch (batch size × longest example in it); auto: the largest that fits in memory,
+    from max_batch_size × the longest example down, halved while the plan's largest batch runs out of
+    memory (each process tries, the smallest wins; recorded in meta.json). The features do not depend on it."""
     max_batch_size: int = 64
     """Cap on examples per batch."""
     shard_examples: int = 1024
@@ -109,6 +113,28 @@ def _check_rows(features: torch.Tensor, ids: list[str], store_dtype: str) -> Non
         if bool(too_big.any()):
             bad = [ids[i] for i in torch.nonzero(too_big).flatten().tolist()]
             raise FloatingPointError(f"features of example(s) {bad[:10]} overflow fp16; use store_dtype: fp32")
+
+
+def resolve_token_budget(setting: int | Literal["auto"], lengths: Sequence[int], max_batch_size: int,
+                         run_batch: Callable[[list[int]], object], job: dict[str, Any] | None = None) -> int:
+    """The token budget of the plan: ``setting`` itself, or for ``auto`` the one an unfinished ``job``
+    started with, else the largest (over all processes, the smallest of theirs) at which
+    ``run_batch`` runs the plan's largest batch without running out of memory (``largest_fitting``)."""
+    if setting != "auto":
+        return setting
+    if job is not None:
+        logger.info("token_budget auto: resuming with the budget the job started with, %d", job["token_budget"])
+        return int(job["token_budget"])
+    longest = max(lengths)
+
+    def probe(budget: int) -> None:
+        batches = token_budget_batches(lengths, budget, max_batch_size)
+        run_batch(max(batches, key=lambda b: len(b) * lengths[b[0]]))
+
+    found = largest_fitting(probe, longest * max_batch_size, floor=longest, what="token_budget")
+    budget = min_across_processes(found)
+    logger.info("token_budget auto: %d tokens per batch", budget)
+    return budget
 
 
 def run_extract(cfg: ExtractConfig) -> Path:
@@ -150,17 +176,29 @@ def run_extract(cfg: ExtractConfig) -> Path:
     )
     if (out_dir / META_FILE).is_file():
         done, wanted = StoreMeta.read(out_dir / META_FILE).to_dict(), meta.to_dict()
-        require_match(done, wanted, [k for k in wanted if k != "tool_version"],
+        require_match(done, wanted, [k for k in wanted if k not in ("tool_version", "token_budget")],
                       f"{out_dir} already holds a finished store of other settings")
         logger.info("%s: store already complete", out_dir)
         return out_dir
 
-    plan = group_shards(token_budget_batches([len(ex) for ex in examples], cfg.token_budget, cfg.max_batch_size),
-                        cfg.shard_examples)
+    collate = PaddingCollator(tokenizer.pad_token_id)
+
+    def features_of(batch_rows: list[int], draw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features of draw ``draw`` of the examples ``batch_rows``, their attention mask)."""
+        batch = collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in batch_rows])
+        batch = {k: v.to(state.device) for k, v in batch.items()}
+        relabel = (sampled_relabel(cfg.sample_seed, [ids[i] for i in batch_rows], draw, batch["labels"])
+                   if cfg.sampled_labels else None)
+        return featurizer(batch, relabel), batch["attention_mask"]
+
+    lengths = [len(ex) for ex in examples]
     writer = ShardWriter(out_dir)
+    budget = resolve_token_budget(cfg.token_budget, lengths, cfg.max_batch_size, lambda rows: features_of(rows, 0),
+                                  writer.job())
+    meta = replace(meta, token_budget=budget)
+    plan = group_shards(token_budget_batches(lengths, budget, cfg.max_batch_size), cfg.shard_examples)
     if state.is_main_process:
-        writer.claim({**meta.to_dict(), "token_budget": cfg.token_budget, "max_batch_size": cfg.max_batch_size,
-                      "shard_examples": cfg.shard_examples})
+        writer.claim({**meta.to_dict(), "max_batch_size": cfg.max_batch_size, "shard_examples": cfg.shard_examples})
         write_json(out_dir / EXCLUDED_FILE, [vars(e) for e in excluded], indent=2)
         write_digests(out_dir, examples)
     state.wait_for_everyone()
@@ -168,23 +206,18 @@ def run_extract(cfg: ExtractConfig) -> Path:
     mine = [s for s in range(state.process_index, len(plan), state.num_processes) if not writer.is_done(s)]
     todo = sum(len(b) for s in mine for b in plan[s])
     logger.info("rank %d: %d of %d shards to do (%d examples)", state.process_index, len(mine), len(plan), todo)
-    collate = PaddingCollator(tokenizer.pad_token_id)
     bar = progress(todo, f"extract[{state.process_index}]", "ex", position=state.process_index)
     start, tokens = time.perf_counter(), 0
     for shard in mine:
         rows, values = [], []
         for batch_rows in plan[shard]:
-            batch = collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in batch_rows])
-            batch = {k: v.to(state.device) for k, v in batch.items()}
             for r in range(draws):
-                relabel = (sampled_relabel(cfg.sample_seed, [ids[i] for i in batch_rows], r, batch["labels"])
-                           if cfg.sampled_labels else None)
-                feats = featurizer(batch, relabel)
+                feats, mask = features_of(batch_rows, r)
                 store_rows = [i * draws + r for i in batch_rows]
                 _check_rows(feats, [row_ids[j] for j in store_rows], cfg.store_dtype)
                 rows.extend(store_rows)
                 values.append(feats.cpu().numpy().astype(dtype))
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(mask.sum())
             bar.update(len(batch_rows))
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         writer.write(shard, np.asarray(rows, dtype=np.int64), np.concatenate(values))
@@ -198,4 +231,4 @@ def run_extract(cfg: ExtractConfig) -> Path:
     return out_dir
 
 
-__all__ = ["ExtractConfig", "run_extract", "template_hash"]
+__all__ = ["ExtractConfig", "resolve_token_budget", "run_extract", "template_hash"]

@@ -89,18 +89,21 @@ class StoreMeta:
     epoch: int | None = None
     """Warm-up epoch of the checkpoint; like ``mean_lr``, only in stores of warm-up checkpoints."""
     mean_lr: float | None = None
+    token_budget: int | None = None
+    """Padded tokens per batch the extraction used (given, or found by ``token_budget: auto``); None in
+    stores written before it was recorded. It does not change the features."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``meta.json`` content (``epoch``/``mean_lr`` left out when None)."""
+        """The ``meta.json`` content (the optional ``epoch``/``mean_lr``/``token_budget`` left out when None)."""
         data = asdict(self)
-        return {k: v for k, v in data.items() if not (k in _CHECKPOINT_ONLY and v is None)}
+        return {k: v for k, v in data.items() if not (k in _OPTIONAL and v is None)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str) -> StoreMeta:
         """From ``meta.json`` content; unknown or missing keys are an error naming ``origin``."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
-        missing = sorted(names - set(data) - _CHECKPOINT_ONLY)
+        missing = sorted(names - set(data) - _OPTIONAL)
         if unknown or missing:
             raise StoreMismatchError(f"{origin}: not a store of this version: "
                                      + "; ".join(([f"unknown keys {unknown}"] if unknown else [])
@@ -113,7 +116,8 @@ class StoreMeta:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
 
 
-_CHECKPOINT_ONLY = frozenset({"epoch", "mean_lr"})
+_OPTIONAL = frozenset({"epoch", "mean_lr", "token_budget"})
+"""Keys a ``meta.json`` may lack (read as None): the checkpoint-only ones, and those newer than some stores."""
 
 
 @dataclass
@@ -173,8 +177,6 @@ class ShardWriter:
         remove_stale_temps(self.out_dir)
         remove_stale_temps(self.shard_dir)
         job_file = self.shard_dir / JOB_FILE
-        remove_stale_temps(self.out_dir)
-        remove_stale_temps(self.shard_dir)
         if job_file.is_file():
             previous = json.loads(job_file.read_text(encoding="utf-8"))
             require_match(previous, job, sorted(set(previous) | set(job)),
@@ -182,6 +184,11 @@ class ShardWriter:
             return
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         write_json(job_file, dict(job), indent=2, sort_keys=True)
+
+    def job(self) -> dict[str, Any] | None:
+        """The settings of the unfinished job in the folder (``claim``), or None."""
+        job_file = self.shard_dir / JOB_FILE
+        return json.loads(job_file.read_text(encoding="utf-8")) if job_file.is_file() else None
 
     def _path(self, shard: int) -> Path:
         return self.shard_dir / f"shard-{shard:05d}.npz"
