@@ -20,7 +20,7 @@ from iaif.selection.features.memory_plan import (
     projection_matrix_bytes,
     weight_bytes,
 )
-from iaif.training.data import DataConfig
+from iaif.training.data import DataConfig, TextFormat
 from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_base_model
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -71,7 +71,7 @@ def test_store_size_matches_a_written_store(tiny_model_dir: Path, tmp_path: Path
         for i in range(12):
             fh.write(json.dumps({"id": f"ex{i:03d}", "question": "a b c " * (i + 1), "answer": "d e"}) + "\n")
     store = run_extract(ExtractConfig(model=ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32"), lora=LORA,
-                                      data=DataConfig(path=str(pool)), max_length=64, dim=64, token_budget=256,
+                                      data=DataConfig(path=str(pool)), text=TextFormat(max_length=64), dim=64, token_budget=256,
                                       output_dir=str(tmp_path / "store")))
     written = (store / "features.npy").stat().st_size + (store / "ids.json").stat().st_size
     main(["plan", "--model", str(tiny_model_dir), "--pool_size", "12", "--id_bytes", "5", "--dim", "64",

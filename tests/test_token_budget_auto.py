@@ -22,7 +22,7 @@ from iaif.selection.features.batching import token_budget_batches
 from iaif.selection.features.extract import ExtractConfig, run_extract
 from iaif.selection.features.featurizer import LoraFeaturizer
 from iaif.selection.features.store import FeatureStore
-from iaif.training.data import DataConfig, load_examples, tokenize_examples
+from iaif.training.data import DataConfig, TextFormat, load_examples, tokenize_examples
 from iaif.training.finetune import TrainConfig, run_train
 from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_tokenizer
 
@@ -91,7 +91,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def extract_cfg(model_dir: Path, data: Path, out: Path, **changes) -> ExtractConfig:
     cfg = ExtractConfig(model=ModelConfig(name_or_path=str(model_dir), precision="fp32"),
                         lora=LoraSettings(r=4, alpha=8, dropout=0.0), data=DataConfig(path=str(data)),
-                        max_length=96, dim=64, store_dtype="fp32", token_budget="auto", max_batch_size=8,
+                        text=TextFormat(max_length=96), dim=64, store_dtype="fp32", token_budget="auto", max_batch_size=8,
                         shard_examples=16, output_dir=str(out))
     return replace(cfg, **changes)
 
