@@ -100,3 +100,19 @@ def test_validated_lambda_is_the_grid_argmax_on_the_validation_groups_only():
     preds, lams = predicted_effects(terms, members[:10], GroupTable(members, truth))
     assert lams["ef-val"] == chosen
     assert preds["interaction-ef-λval"][3] == pytest.approx(pair_loop(groups[3], chosen), rel=1e-5)
+
+
+def test_paired_gain_uses_the_same_bootstrap_draws_for_both_estimators():
+    from iaif.evaluation.lds.score import lds_gain
+
+    rng = np.random.default_rng(3)
+    measured = rng.normal(size=30)
+    good, poor = measured + rng.normal(scale=0.3, size=30), measured + rng.normal(scale=2.0, size=30)
+    gain = lds_gain(good, poor, measured, resamples=300, seed=4)
+    assert gain.spearman == pytest.approx(spearman(good, measured) - spearman(poor, measured))
+    # by hand: the same resampled subsets for both estimators, then the percentile interval of the differences
+    draws = np.random.default_rng(4).integers(0, 30, size=(300, 30))
+    diffs = [spearman(good[d], measured[d]) - spearman(poor[d], measured[d]) for d in draws]
+    assert (gain.low, gain.high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])))
+    same = lds_gain(good, good, measured, resamples=100)
+    assert (same.spearman, same.low, same.high) == (0.0, 0.0, 0.0)
