@@ -247,8 +247,7 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: dict[str, li
                         "max_length": cfg.max_length, "output_dir": str(folder), **_budget(cfg)}
                 if cfg.tiny_model is not None:  # offline: no sentence-transformers model, embed with the tiny LM (mean pooling)
                     base["embedder"] = res.model
-                if is_main_process():
-                    _run_stage("select", _compose("select", base, cfg.select))
+                _run_stage("select", _compose("select", base, cfg.select))  # every process: it shards the greedy
                 wait_for_everyone()
     return chosen
 

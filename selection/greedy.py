@@ -24,7 +24,16 @@ of them (sorted by refresh gain) is ever looked at. On CPU the selector runs sin
 per-step work is small; one thread also makes runs bit-for-bit repeatable).
 
 Stochastic greedy (Mirzasoleiman et al. 2015): each step evaluates the exact gain of
-⌈(N/k)·ln(1/ε)⌉ random unselected candidates and takes the best.
+⌈(N/k)·ln(1/ε)⌉ random unselected candidates and takes the best. The candidates are drawn uniformly
+(with replacement) among the unselected ones by rejection: uniform draws over all N, those already
+selected dropped, until enough are kept (while at least half the pool is unselected; after that, from
+the list of unselected rows), so a step costs O(sample), not O(N).
+
+Sharded over processes (``iaif.selection.shard``): each rank's trackers hold its slice of the
+candidates, every rank keeps the mask of selected rows of the whole pool, each step's winner is the
+best of the ranks' bests (lowest global index among equal gains) and its rows reach every rank, and the
+stochastic draws come from one seeded generator advanced identically on every rank: the picks are the
+same for any number of processes.
 
 Both kinds are trackers of one objective's gains (``GainTracker``: ``best`` picks a row, ``add``
 accounts for a pick): ``ExactTracker`` and ``StochasticTracker``. Several objectives (one per target
@@ -45,6 +54,7 @@ import torch
 from iaif.common.progress import progress_iter
 from iaif.selection.estimators import marginal_gain
 from iaif.selection.objective import Objective
+from iaif.selection.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +77,8 @@ class GreedyStep:
 class GreedyResult:
     steps: list[GreedyStep]
     refreshes: int
-    """Full passes over the pool (exact greedy); 0 for stochastic greedy."""
+    """Full passes over the pool (over this process's candidates when sharded; exact greedy); 0 for
+    stochastic greedy."""
 
     @property
     def indices(self) -> list[int]:
@@ -111,6 +122,7 @@ class ExactTracker:
         self.obj, self.selected, self.chunk_rows = obj, selected, chunk_rows
         self.m_short = shortlist
         n, q = obj.curv.shape
+        self.free = n - int(selected.sum())
         dev = obj.curv.device
         self.sq = _sq_norms(obj.curv, chunk_rows, obj.name)
         self.cum = torch.zeros(q, dtype=torch.float32, device=dev)
@@ -155,9 +167,11 @@ class ExactTracker:
         self.zmax_out = self.out_z.max(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
         self.perp_max_out = float(self.out_perp.max()) if has_out else 0.0
 
-    def add(self, index: int) -> None:
-        self.cum += self.obj.curv[index].float()
-        self.outside[index] = False
+    def add(self, index: int, row: torch.Tensor) -> None:
+        self.cum += row
+        if index >= 0:
+            self.outside[index] = False
+            self.free -= 1
 
     def best(self) -> tuple[int, float, float]:
         """Exact argmax of the gain over unselected candidates, the lowest index among equal gains:
@@ -166,8 +180,10 @@ class ExactTracker:
         Terminates whatever the number of ties: a step refreshes at most once; when even then more
         candidates than the shortlist could reach the best gain (e.g. thousands of exact duplicates),
         their exact gains are computed directly, in chunks, for this step, and the following steps do
-        so without refreshing first until the ties are gone."""
+        so without refreshing first until the ties are gone. (−1, −inf, 0) when every row is selected."""
         o = self.obj
+        if self.free == 0:
+            return -1, -math.inf, 0.0
         refreshed = False
         while True:
             idx = self.short_idx
@@ -240,25 +256,49 @@ def _first_best(idx: torch.Tensor, g: torch.Tensor) -> int:
 
 class StochasticTracker:
     """Stochastic greedy gains of one objective: each ``best`` draws ``sample`` unselected candidates
-    from ``gen`` (shared by the objectives served round-robin) and takes the best of them."""
+    of the whole pool from ``gen`` (shared by the objectives served round-robin, advanced alike on
+    every rank) and takes the best of those this shard owns."""
 
     refreshes = 0
 
-    def __init__(self, obj: Objective, selected: torch.Tensor, sample: int, gen: torch.Generator, chunk_rows: int):
-        self.obj, self.selected, self.sample, self.gen = obj, selected, sample, gen
+    def __init__(self, obj: Objective, selected: torch.Tensor, shard: Shard, sample: int, gen: torch.Generator,
+                 chunk_rows: int):
+        self.obj, self.selected, self.shard, self.sample, self.gen = obj, selected, shard, sample, gen
+        self.free = shard.n - int(selected.sum())
         self.cum = torch.zeros(obj.curv.shape[1], dtype=torch.float32, device=selected.device)
         self.sq = _sq_norms(obj.curv, chunk_rows, obj.name)
 
-    def add(self, index: int) -> None:
-        self.cum += self.obj.curv[index].float()
+    def add(self, index: int, row: torch.Tensor) -> None:
+        self.cum += row
+        self.free -= 1
+
+    def _draw(self) -> torch.Tensor:
+        """This step's candidates: ``sample`` uniform draws among the unselected rows of the whole pool,
+        with replacement, distinct and sorted (global indices, on the CPU)."""
+        n, want = self.shard.n, min(self.sample, self.free)
+        mask = self.selected.cpu() if self.selected.device.type != "cpu" else self.selected
+        if 2 * self.free >= n:  # rejection: a draw is kept with probability ≥ ½
+            kept: list[torch.Tensor] = []
+            got = 0
+            while got < want:
+                draw = torch.randint(n, (want,), generator=self.gen)
+                draw = draw[~mask[draw]]
+                kept.append(draw)
+                got += len(draw)
+            pick = torch.cat(kept)[:want]
+        else:
+            free = (~mask).nonzero().squeeze(1)
+            pick = free[torch.randint(len(free), (want,), generator=self.gen)]
+        return torch.unique(pick)
 
     def best(self) -> tuple[int, float, float]:
-        """(index, gain, interaction part) of the best of this step's random candidates."""
-        o = self.obj
-        free = (~self.selected).nonzero().squeeze(1)
-        pick = free[torch.randint(len(free), (min(self.sample, len(free)),), generator=self.gen,
-                                  device="cpu").to(free.device)]
-        pick = torch.unique(pick)
+        """(index in this shard, gain, interaction part) of the best of this step's random candidates
+        that this shard owns; (−1, −inf, 0) when it owns none of them."""
+        o, sh = self.obj, self.shard
+        pick = self._draw()
+        pick = (pick[(pick >= sh.start) & (pick < sh.stop)] - sh.start).to(self.selected.device)
+        if pick.numel() == 0:
+            return -1, -math.inf, 0.0
         g, inter = marginal_gain(o.scores[pick], o.curv[pick].float(), self.cum, o.lam, o.scale, self.sq[pick])
         j = int(torch.argmax(g))
         return int(pick[j]), float(g[j]), float(inter[j])
@@ -274,11 +314,13 @@ class GainTracker(Protocol):
     """Full passes over the pool so far."""
 
     def best(self) -> tuple[int, float, float]:
-        """The unselected row this step picks for the objective: (index, gain, interaction part)."""
+        """This shard's best unselected row for the objective this step: (index in the shard, gain,
+        interaction part); index −1 (gain −inf) when the shard has no candidate for it."""
         ...
 
-    def add(self, index: int) -> None:
-        """Account for row ``index`` having been selected (for any objective)."""
+    def add(self, index: int, row: torch.Tensor) -> None:
+        """Account for a selected row (for any objective): its index in this shard (−1: another
+        shard's) and its ψ row (float32)."""
         ...
 
 
@@ -292,17 +334,21 @@ def greedy_select(
     chunk_rows: int = 65536,
     seed: int = 0,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> GreedyResult:
     """Choose k rows maximising the objective (one objective, or several served round-robin).
 
     ``kind="exact"``: exact greedy with shortlist and refresh bounds; ``"stochastic"``: stochastic
     greedy with ⌈(N/k)·ln(1/ε)⌉ candidates per step. Every step is logged at DEBUG level.
+    ``shard``: the objectives hold this process's rows of a pool split over processes (every rank
+    calls this with its rows; indices in the result are global); None: the whole pool.
     """
     if not objectives:
         raise ValueError("no objective given")
-    n = objectives[0].scores.shape[0]
-    if any(o.scores.shape[0] != n for o in objectives):
-        raise ValueError("all objectives must cover the same candidates")
+    shard = shard or Shard.whole(objectives[0].scores.shape[0])
+    n = shard.n
+    if any(o.scores.shape[0] != shard.size for o in objectives):
+        raise ValueError(f"all objectives must cover the same candidates ({shard.size} rows of this shard)")
     if n == 0:
         raise ValueError("empty pool: no candidates to select from")
     if not 1 <= k <= n:
@@ -313,6 +359,7 @@ def greedy_select(
         if not bool(torch.isfinite(o.scores).all()):
             raise ValueError(f"objective '{o.name}': scores contain NaN or inf")
     selected = torch.zeros(n, dtype=torch.bool, device=objectives[0].curv.device)
+    mine = selected[shard.start : shard.stop]  # a view: this shard's rows of the mask
     # single-threaded from here: per-step work is small, and one thread makes the float round-off,
     # hence the order among equal gains, the same on every run
     threads = torch.get_num_threads()
@@ -320,30 +367,35 @@ def greedy_select(
     try:
         trackers: list[GainTracker]
         if kind == "exact":
-            trackers = [ExactTracker(o, selected, shortlist, basis_rank, chunk_rows, seed) for o in objectives]
+            trackers = [ExactTracker(o, mine, shortlist, basis_rank, chunk_rows, seed) for o in objectives]
         elif kind == "stochastic":
             if not 0 < epsilon < 1:
                 raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
             sample = math.ceil(n / k * math.log(1 / epsilon))
             gen = torch.Generator().manual_seed(seed)
-            trackers = [StochasticTracker(o, selected, sample, gen, chunk_rows) for o in objectives]
+            trackers = [StochasticTracker(o, selected, shard, sample, gen, chunk_rows) for o in objectives]
         else:
             raise ValueError(f"unknown greedy kind '{kind}'")
-        return _greedy_loop(trackers, selected, k, f"greedy ({kind})", progress)
+        return _greedy_loop(trackers, selected, k, f"greedy ({kind})", progress and shard.rank == 0, shard)
     finally:
         torch.set_num_threads(threads)
 
 
 def _greedy_loop(trackers: Sequence[GainTracker], selected: torch.Tensor, k: int, label: str,
-                 progress: bool) -> GreedyResult:
-    """k steps; step i picks the best row of tracker i mod T, which every tracker then accounts for."""
+                 progress: bool, shard: Shard) -> GreedyResult:
+    """k steps; step i picks the best row of tracker i mod T (over all shards), which every tracker
+    then accounts for."""
     steps: list[GreedyStep] = []
+    widths = [tr.obj.curv.shape[1] for tr in trackers]
     for rank in progress_iter(range(k), k, label, "step", disable=not progress):
         tracker = trackers[rank % len(trackers)]
-        index, gain, inter = tracker.best()
+        local, gain, inter = tracker.best()
+        rows = [tr.obj.curv[local].float() for tr in trackers] if local >= 0 else None
+        index, gain, inter, picked = shard.winner(local, gain, inter, rows, widths)
         selected[index] = True
-        for tr in trackers:
-            tr.add(index)
+        here = shard.local(index)
+        for tr, row in zip(trackers, picked):
+            tr.add(here, row)
         step = GreedyStep(rank, index, gain, gain + inter, inter, tracker.obj.name)
         logger.debug("step %d: row %d (%s) gain %.6g = first-order %.6g − interaction %.6g",
                      rank, index, step.task, gain, step.first_order, inter)
