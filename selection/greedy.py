@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 from iaif.common.progress import progress_iter
@@ -89,11 +90,27 @@ def _row_chunks(n: int, chunk_rows: int) -> list[slice]:
     return [slice(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
 
 
+class _Float32Rows:
+    """Row chunks of ψ as float32: the rows themselves when ψ is float32, else converted into one
+    reused buffer (a fresh chunk-sized allocation per chunk costs page faults on every pass)."""
+
+    def __init__(self, curv: torch.Tensor, chunk_rows: int):
+        self.curv = curv
+        convert = curv.dtype != torch.float32
+        self.buf = torch.empty(min(chunk_rows, curv.shape[0]) if convert else 0, curv.shape[1], dtype=torch.float32,
+                               device=curv.device)
+
+    def __call__(self, sl: slice) -> torch.Tensor:
+        rows = self.curv[sl]
+        return rows if rows.dtype == torch.float32 else self.buf[: rows.shape[0]].copy_(rows)
+
+
 def _sq_norms(curv: torch.Tensor, chunk_rows: int, name: str) -> torch.Tensor:
     """‖ψ_c‖² of every row; NaN or inf features are an error naming the first such row."""
     out = torch.empty(curv.shape[0], dtype=torch.float32, device=curv.device)
+    chunk = _Float32Rows(curv, chunk_rows)
     for sl in _row_chunks(curv.shape[0], chunk_rows):
-        rows = curv[sl].float()
+        rows = chunk(sl)
         out[sl] = (rows * rows).sum(dim=1)  # as marginal_gain computes it, row by row
     bad = ~torch.isfinite(out)
     if bool(bad.any()):
@@ -130,8 +147,9 @@ class ExactTracker:
         rank = min(basis_rank, q, n) if self.coef > 0 else 0
         self.basis = _leading_directions(obj.curv, rank, seed)
         self.z = torch.empty(n, self.basis.shape[1], dtype=torch.float32, device=dev)
+        self.rows = _Float32Rows(obj.curv, chunk_rows)
         for sl in _row_chunks(n, chunk_rows):
-            self.z[sl] = obj.curv[sl].float() @ self.basis
+            self.z[sl] = self.rows(sl) @ self.basis
         self.perp = (self.sq - (self.z * self.z).sum(dim=1)).clamp_min(0).sqrt()
         self.psi_max = float(self.sq.max().sqrt()) if n else 0.0
         self.refreshes = 0
@@ -146,14 +164,13 @@ class ExactTracker:
         g = torch.empty(n, dtype=torch.float32, device=self.cum.device)
         for sl in _row_chunks(n, self.chunk_rows):
             # refresh gains only order and bound the candidates (within tol), so the fast product will do
-            g[sl] = marginal_gain(o.scores[sl], o.curv[sl].float(), self.cum, o.lam, o.scale, self.sq[sl],
+            g[sl] = marginal_gain(o.scores[sl], self.rows(sl), self.cum, o.lam, o.scale, self.sq[sl],
                                   exact_rows=False)[0]
         g[self.selected] = -math.inf
         free = int((~self.selected).sum())
         g_sorted, order = torch.sort(g, descending=True, stable=True)
         m = min(self.m_short, free)
-        self.short_idx = order[:m]
-        self.short_psi = o.curv[self.short_idx].float()
+        self._set_shortlist(order[:m])
         # the outside candidates in order of their refresh gain, with their bound terms alongside
         self.out_order, self.out_g = order[m:free], g_sorted[m:free].contiguous()
         self.out_neg_g = -self.out_g
@@ -167,10 +184,18 @@ class ExactTracker:
         self.zmax_out = self.out_z.max(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
         self.perp_max_out = float(self.out_perp.max()) if has_out else 0.0
 
-    def add(self, index: int, row: torch.Tensor) -> None:
+    def _set_shortlist(self, idx: torch.Tensor) -> None:
+        """The candidates tracked exactly, with their rows, scores and squared norms alongside."""
+        o = self.obj
+        self.short_idx = idx
+        self.short_psi = o.curv.index_select(0, idx).float()
+        self.short_scores = o.scores.index_select(0, idx)
+        self.short_sq = self.sq.index_select(0, idx)
+
+    def add(self, index: int, local: int, row: torch.Tensor) -> None:
         self.cum += row
-        if index >= 0:
-            self.outside[index] = False
+        if local >= 0:
+            self.outside[local] = False
             self.free -= 1
 
     def best(self) -> tuple[int, float, float]:
@@ -187,8 +212,8 @@ class ExactTracker:
         refreshed = False
         while True:
             idx = self.short_idx
-            g, inter = marginal_gain(o.scores[idx], self.short_psi, self.cum, o.lam, o.scale, self.sq[idx])
-            g = g.masked_fill(self.selected[idx], -math.inf)
+            g, inter = marginal_gain(self.short_scores, self.short_psi, self.cum, o.lam, o.scale, self.short_sq)
+            g = g.masked_fill(self.selected.index_select(0, idx), -math.inf)
             j = _first_best(idx, g)
             b = float(g[j])
             if not math.isfinite(b):
@@ -228,8 +253,7 @@ class ExactTracker:
                     continue
                 self.ties_persist = True  # a refresh did not help: skip it while the ties last
                 return self._best_of(torch.cat([idx[j : j + 1], cand]))
-            self.short_idx = torch.cat([idx, cand])
-            self.short_psi = torch.cat([self.short_psi, o.curv[cand].float()])
+            self._set_shortlist(torch.cat([idx, cand]))
             self.outside[cand] = False
 
     def _best_of(self, rows: torch.Tensor) -> tuple[int, float, float]:
@@ -261,45 +285,50 @@ class StochasticTracker:
 
     refreshes = 0
 
-    def __init__(self, obj: Objective, selected: torch.Tensor, shard: Shard, sample: int, gen: torch.Generator,
+    def __init__(self, obj: Objective, selected: torch.Tensor, shard: Shard, sample: int, gen: np.random.Generator,
                  chunk_rows: int):
         self.obj, self.selected, self.shard, self.sample, self.gen = obj, selected, shard, sample, gen
         self.free = shard.n - int(selected.sum())
+        self.mask = selected.cpu()  # where the draws are checked (a copy kept up to date when on a GPU)
+        self.mask_np = self.mask.numpy()  # the same memory: per-step work on ~100 draws is cheapest in numpy
         self.cum = torch.zeros(obj.curv.shape[1], dtype=torch.float32, device=selected.device)
         self.sq = _sq_norms(obj.curv, chunk_rows, obj.name)
 
-    def add(self, index: int, row: torch.Tensor) -> None:
+    def add(self, index: int, local: int, row: torch.Tensor) -> None:
         self.cum += row
         self.free -= 1
+        self.mask[index] = True  # the shared mask itself on the CPU (set already), else the copy
 
-    def _draw(self) -> torch.Tensor:
+    def _draw(self) -> np.ndarray:
         """This step's candidates: ``sample`` uniform draws among the unselected rows of the whole pool,
-        with replacement, distinct and sorted (global indices, on the CPU)."""
-        n, want = self.shard.n, min(self.sample, self.free)
-        mask = self.selected.cpu() if self.selected.device.type != "cpu" else self.selected
+        with replacement, distinct and sorted (global indices)."""
+        n, want, mask = self.shard.n, min(self.sample, self.free), self.mask_np
         if 2 * self.free >= n:  # rejection: a draw is kept with probability ≥ ½
-            kept: list[torch.Tensor] = []
+            kept: list[np.ndarray] = []
             got = 0
             while got < want:
-                draw = torch.randint(n, (want,), generator=self.gen)
+                draw = self.gen.integers(n, size=want)
                 draw = draw[~mask[draw]]
                 kept.append(draw)
                 got += len(draw)
-            pick = torch.cat(kept)[:want]
+            pick = np.concatenate(kept)[:want]
         else:
-            free = (~mask).nonzero().squeeze(1)
-            pick = free[torch.randint(len(free), (want,), generator=self.gen)]
-        return torch.unique(pick)
+            free = np.flatnonzero(~mask)
+            pick = free[self.gen.integers(len(free), size=want)]
+        pick.sort()
+        return pick[np.concatenate(([True], pick[1:] != pick[:-1]))]  # np.unique, without its overhead
 
     def best(self) -> tuple[int, float, float]:
         """(index in this shard, gain, interaction part) of the best of this step's random candidates
         that this shard owns; (−1, −inf, 0) when it owns none of them."""
         o, sh = self.obj, self.shard
         pick = self._draw()
-        pick = (pick[(pick >= sh.start) & (pick < sh.stop)] - sh.start).to(self.selected.device)
-        if pick.numel() == 0:
+        pick = pick[(pick >= sh.start) & (pick < sh.stop)] - sh.start
+        if len(pick) == 0:
             return -1, -math.inf, 0.0
-        g, inter = marginal_gain(o.scores[pick], o.curv[pick].float(), self.cum, o.lam, o.scale, self.sq[pick])
+        idx = torch.from_numpy(pick).to(self.selected.device)
+        g, inter = marginal_gain(o.scores.index_select(0, idx), o.curv.index_select(0, idx).float(), self.cum,
+                                 o.lam, o.scale, self.sq.index_select(0, idx))
         j = int(torch.argmax(g))
         return int(pick[j]), float(g[j]), float(inter[j])
 
@@ -318,9 +347,9 @@ class GainTracker(Protocol):
         interaction part); index −1 (gain −inf) when the shard has no candidate for it."""
         ...
 
-    def add(self, index: int, row: torch.Tensor) -> None:
-        """Account for a selected row (for any objective): its index in this shard (−1: another
-        shard's) and its ψ row (float32)."""
+    def add(self, index: int, local: int, row: torch.Tensor) -> None:
+        """Account for a selected row (for any objective): its index in the pool, in this shard (−1:
+        another shard's) and its ψ row (float32)."""
         ...
 
 
@@ -367,12 +396,13 @@ def greedy_select(
     try:
         trackers: list[GainTracker]
         if kind == "exact":
-            trackers = [ExactTracker(o, mine, shortlist, basis_rank, chunk_rows, seed) for o in objectives]
+            per_rank = math.ceil(shortlist / shard.world)  # the pool's best candidates spread over the ranks
+            trackers = [ExactTracker(o, mine, per_rank, basis_rank, chunk_rows, seed) for o in objectives]
         elif kind == "stochastic":
             if not 0 < epsilon < 1:
                 raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
             sample = math.ceil(n / k * math.log(1 / epsilon))
-            gen = torch.Generator().manual_seed(seed)
+            gen = np.random.default_rng(seed)
             trackers = [StochasticTracker(o, selected, shard, sample, gen, chunk_rows) for o in objectives]
         else:
             raise ValueError(f"unknown greedy kind '{kind}'")
@@ -395,7 +425,7 @@ def _greedy_loop(trackers: Sequence[GainTracker], selected: torch.Tensor, k: int
         selected[index] = True
         here = shard.local(index)
         for tr, row in zip(trackers, picked):
-            tr.add(here, row)
+            tr.add(index, here, row)
         step = GreedyStep(rank, index, gain, gain + inter, inter, tracker.obj.name)
         logger.debug("step %d: row %d (%s) gain %.6g = first-order %.6g − interaction %.6g",
                      rank, index, step.task, gain, step.first_order, inter)
