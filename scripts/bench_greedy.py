@@ -149,6 +149,11 @@ def store_main(args: argparse.Namespace) -> None:
     phi_bytes = curv.numel() * curv.element_size()
     figures = [took, setup, _peak_rss_bytes(), rss0, phi_bytes, result.refreshes]
     every = _gather_figures(shard, figures)
+    if shard.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()  # a clean exit: gloo aborts a process that leaves with the group open
     if shard.rank != 0:
         return
     digest = hashlib.sha256(json.dumps(result.indices).encode()).hexdigest()[:16]
@@ -161,6 +166,13 @@ def store_main(args: argparse.Namespace) -> None:
     print(f"J = {value:.6g}, picks digest {digest} (first {result.indices[:5]})")
     if args.picks:
         Path(args.picks).write_text(json.dumps(result.indices))
+    if args.json:
+        ranks = [{"greedy_seconds": round(t, 2), "setup_seconds": round(su, 2), "full_passes": int(refr),
+                  "peak_rss_gib": round(peak / 2**30, 3), "phi_shard_gib": round(phib / 2**30, 3),
+                  "peak_over_phi": round(peak / phib, 3)} for t, su, peak, base, phib, refr in every]
+        Path(args.json).write_text(json.dumps({
+            "n": args.n, "m": args.m, "k": args.k, "kind": args.kind, "processes": shard.world, "dtype": args.dtype,
+            "device": str(device), "lambda": lam, "objective": value, "picks_digest": digest, "ranks": ranks}, indent=2))
 
 
 def main() -> None:
@@ -182,6 +194,7 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=65536)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (store mode)")
     ap.add_argument("--picks", help="store mode: write the picked indices (JSON) here")
+    ap.add_argument("--json", help="store mode: write the figures (JSON) here")
     args = ap.parse_args()
     if args.store:
         store_main(args)
