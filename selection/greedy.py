@@ -152,7 +152,9 @@ class ExactTracker:
             self.z[sl] = self.rows(sl) @ self.basis
         self.perp = (self.sq - (self.z * self.z).sum(dim=1)).clamp_min(0).sqrt()
         self.psi_max = float(self.sq.max().sqrt()) if n else 0.0
+        self.short_idx = self.short_psi = self.short_scores = self.short_sq = torch.empty(0)
         self.refreshes = 0
+        self.refresh_cost = n * (q + 32) // (self.basis.shape[1] + 1)  # a refresh's work, in bounded rows
         self.ties_persist = False  # the last step had more near-best candidates than a refresh could shortlist
         self._refresh()
 
@@ -176,6 +178,7 @@ class ExactTracker:
         self.out_neg_g = -self.out_g
         self.out_z, self.out_perp = self.z[self.out_order], self.perp[self.out_order]
         self.cum_ref = self.cum.clone()
+        self.bounded = 0  # rows bounded since this refresh
         self.outside = torch.zeros(n, dtype=torch.bool, device=g.device)
         self.outside[self.out_order] = True
         has_out = free > m
@@ -184,13 +187,15 @@ class ExactTracker:
         self.zmax_out = self.out_z.max(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
         self.perp_max_out = float(self.out_perp.max()) if has_out else 0.0
 
-    def _set_shortlist(self, idx: torch.Tensor) -> None:
-        """The candidates tracked exactly, with their rows, scores and squared norms alongside."""
+    def _set_shortlist(self, idx: torch.Tensor, extend: bool = False) -> None:
+        """The candidates tracked exactly (``extend``: these join the current ones), with their rows,
+        scores and squared norms alongside."""
         o = self.obj
-        self.short_idx = idx
-        self.short_psi = o.curv.index_select(0, idx).float()
-        self.short_scores = o.scores.index_select(0, idx)
-        self.short_sq = self.sq.index_select(0, idx)
+        new = [idx, o.curv.index_select(0, idx).float(), o.scores.index_select(0, idx), self.sq.index_select(0, idx)]
+        if extend:
+            old: list[torch.Tensor] = [self.short_idx, self.short_psi, self.short_scores, self.short_sq]
+            new = [torch.cat([a, b]) for a, b in zip(old, new)]
+        self.short_idx, self.short_psi, self.short_scores, self.short_sq = new
 
     def add(self, index: int, local: int, row: torch.Tensor) -> None:
         self.cum += row
@@ -234,7 +239,12 @@ class ExactTracker:
             if prefix == 0:
                 self.ties_persist = False
                 return int(idx[j]), b, float(inter[j])
-            if prefix > len(self.out_order) // 4 + self.m_short and not refreshed and not self.ties_persist:
+            self.bounded += prefix
+            # refresh when the prefix is a large part of the pool, or when the bounding work since the
+            # last refresh (r + 1 products a row) has added up to what a refresh costs (q a row, plus
+            # the sort): paying for bounds never costs more than about twice the best refresh schedule
+            if ((prefix > len(self.out_order) // 4 + self.m_short or self.bounded > self.refresh_cost)
+                    and not refreshed and not self.ties_persist):
                 self._refresh()
                 refreshed = True
                 continue
@@ -253,7 +263,7 @@ class ExactTracker:
                     continue
                 self.ties_persist = True  # a refresh did not help: skip it while the ties last
                 return self._best_of(torch.cat([idx[j : j + 1], cand]))
-            self._set_shortlist(torch.cat([idx, cand]))
+            self._set_shortlist(cand, extend=True)
             self.outside[cand] = False
 
     def _best_of(self, rows: torch.Tensor) -> tuple[int, float, float]:
