@@ -141,13 +141,13 @@ def store_main(args: argparse.Namespace) -> None:
     lam = default_lambda(scores, curv, args.k, None, shard=shard)
     obj = Objective(scores, curv, lam)
     setup = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = greedy_select([obj], args.k, args.kind, args.epsilon, args.shortlist, chunk_rows=args.chunk_rows,
                            seed=args.seed, progress=args.progress and shard.rank == 0, shard=shard)
-    took = time.perf_counter() - start
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     value = obj.value(result.indices, shard)
     phi_bytes = curv.numel() * curv.element_size()
-    figures = [took, setup, _peak_rss_bytes(), rss0, phi_bytes, result.refreshes]
+    figures = [took, setup, _peak_rss_bytes(), rss0, phi_bytes, result.refreshes, cpu]
     every = _gather_figures(shard, figures)
     if shard.world > 1:
         import torch.distributed as dist
@@ -159,17 +159,17 @@ def store_main(args: argparse.Namespace) -> None:
     digest = hashlib.sha256(json.dumps(result.indices).encode()).hexdigest()[:16]
     print(f"N={args.n} m={args.m} k={args.k} {args.kind} greedy, {shard.world} process(es), "
           f"threads {torch.get_num_threads()}, {args.dtype} store, device {device}, λ={lam:.6g}")
-    for r, (t, su, peak, base, phib, refr) in enumerate(every):
-        print(f"  rank {r}: greedy {t:.1f} s (+ scores and λ {su:.1f} s), full passes {int(refr)}, "
+    for r, (t, su, peak, base, phib, refr, c) in enumerate(every):
+        print(f"  rank {r}: greedy {t:.1f} s ({c:.1f} s of CPU) (+ scores and λ {su:.1f} s), full passes {int(refr)}, "
               f"peak RSS {peak / 2**30:.2f} GiB = {peak / phib:.2f}× its Φ shard ({phib / 2**30:.2f} GiB; "
               f"{(peak - base) / phib:.2f}× without the {base / 2**30:.2f} GiB at start)")
     print(f"J = {value:.6g}, picks digest {digest} (first {result.indices[:5]})")
     if args.picks:
         Path(args.picks).write_text(json.dumps(result.indices))
     if args.json:
-        ranks = [{"greedy_seconds": round(t, 2), "setup_seconds": round(su, 2), "full_passes": int(refr),
-                  "peak_rss_gib": round(peak / 2**30, 3), "phi_shard_gib": round(phib / 2**30, 3),
-                  "peak_over_phi": round(peak / phib, 3)} for t, su, peak, base, phib, refr in every]
+        ranks = [{"greedy_seconds": round(t, 2), "greedy_cpu_seconds": round(c, 2), "setup_seconds": round(su, 2),
+                  "full_passes": int(refr), "peak_rss_gib": round(peak / 2**30, 3), "phi_shard_gib": round(phib / 2**30, 3),
+                  "peak_over_phi": round(peak / phib, 3)} for t, su, peak, base, phib, refr, c in every]
         Path(args.json).write_text(json.dumps({
             "n": args.n, "m": args.m, "k": args.k, "kind": args.kind, "processes": shard.world, "dtype": args.dtype,
             "device": str(device), "lambda": lam, "objective": value, "picks_digest": digest, "ranks": ranks}, indent=2))

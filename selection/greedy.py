@@ -380,7 +380,8 @@ def greedy_select(
     ``kind="exact"``: exact greedy with shortlist and refresh bounds; ``"stochastic"``: stochastic
     greedy with ⌈(N/k)·ln(1/ε)⌉ candidates per step. Every step is logged at DEBUG level.
     ``shard``: the objectives hold this process's rows of a pool split over processes (every rank
-    calls this with its rows; indices in the result are global); None: the whole pool.
+    calls this with its rows; indices in the result are global; each rank tracks ⌈shortlist / ranks⌉
+    candidates exactly); None: the whole pool.
     """
     if not objectives:
         raise ValueError("no objective given")

@@ -94,7 +94,8 @@ class SelectConfig:
     epsilon: float = 0.01
     """Stochastic greedy's ε."""
     shortlist: int = 1024
-    """Exact greedy: candidates tracked exactly between full passes (speed only, same result)."""
+    """Exact greedy: candidates tracked exactly between full passes (speed only, same result; split
+    over the processes of a launch)."""
     balance: Literal["none", "source", "task"] = "none"
     """random: equal counts per source file or per task."""
     similarity: Literal["max", "round-robin"] = "max"
