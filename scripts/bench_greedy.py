@@ -152,8 +152,10 @@ def store_main(args: argparse.Namespace) -> None:
     if shard.world > 1:
         import torch.distributed as dist
 
+        from iaif.common.dist import close_process_group
+
         dist.barrier()
-        dist.destroy_process_group()  # a clean exit: gloo aborts a process that leaves with the group open
+        close_process_group()
     if shard.rank != 0:
         return
     digest = hashlib.sha256(json.dumps(result.indices).encode()).hexdigest()[:16]

@@ -38,6 +38,7 @@ CASES = {
 WORKER = '''
 import json, sys
 import torch
+from iaif.common.dist import close_process_group
 from iaif.selection.greedy import greedy_select
 from iaif.selection.objective import Objective, default_lambda
 from iaif.selection.shard import launch_shard
@@ -65,6 +66,7 @@ for name, c in cases.items():
     if shard.rank == 0:
         with open(sys.argv[1], "w") as fh:
             json.dump(out, fh)
+close_process_group()
 '''
 
 
