@@ -85,3 +85,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: a clear message, no traceback
         logging.getLogger("iaif").debug("stage %s failed", name, exc_info=True)
         sys.exit(f"iaif {name}: {err}")
+    from iaif.common.dist import close_process_group
+
+    close_process_group()

@@ -20,7 +20,8 @@ Each stage's config is built from the pipeline-level fields below, then the YAML
 same name (``warmup:``, ``extract:``, ``select:``, ``train:``, ``eval:``) is merged on top, so
 every stage setting stays reachable; the resolved stage config is written into the step's folder
 (replayable with ``iaif STAGE --config``). Under ``accelerate launch`` the distributed steps
-(warm-up, extract, train, eval) run on every process; select and report on the main process.
+(warm-up, extract, select, train, eval) run on every process (select shards the interaction-aware
+greedy and runs the other methods on the main process); report runs on the main process.
 """
 
 from __future__ import annotations
@@ -264,8 +265,7 @@ def _select(cfg: PipelineConfig, res: _Resolved, out: Path, stores: list[_Stores
                         "output_dir": str(folder), **_budget(cfg)}
                 if cfg.tiny_model is not None:  # offline: no sentence-transformers model, embed with the tiny LM (mean pooling)
                     base["embedder"] = res.model
-                if is_main_process():
-                    _run_stage("select", _compose("select", base, cfg.select))
+                _run_stage("select", _compose("select", base, cfg.select))  # every process: it shards the greedy
                 wait_for_everyone()
     return chosen
 

@@ -1,7 +1,18 @@
-"""Benchmark of the exact greedy selector against the straightforward O(k·N·m) loop.
+"""Benchmark of the greedy selector: against the straightforward O(k·N·m) loop (in memory), and at
+10M-example scale from a memory-mapped Φ store, sharded over processes.
 
     python scripts/bench_greedy.py                      # N=270,000, m=256, k=13,500 (LESS scale, 5%)
     python scripts/bench_greedy.py --n 20000 --k 1000   # quick
+
+    # 10M scale: write the fp16 Φ store once, then exact / stochastic greedy in 1 or 2 processes
+    python scripts/bench_greedy.py --n 10000000 --k 500000 --store /tmp/phi10m.npy --write-only
+    OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no scripts/bench_greedy.py --n 10000000 --k 500000 --store /tmp/phi10m.npy --kind stochastic
+
+With ``--store`` each process memory-maps the store and reads only its shard of the rows (whole chunks
+of ``--chunk-rows``), in chunks; per process it prints the greedy time and its peak resident memory
+(file pages of the map included) against the size of its shard of Φ; process 0 prints a digest of the
+picks, equal for any number of processes. No straightforward loop in this mode.
 
 The influence matrix Φ is synthetic but shaped like a LESS one: cosines between clustered,
 L2-normalised pool features (with exact duplicates) and target features drawn near a few clusters.
@@ -14,35 +25,49 @@ matrix's creation, divided by the matrix's size.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import resource
 import time
+import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from iaif.selection.estimators import marginal_gain
 from iaif.selection.greedy import greedy_select
 from iaif.selection.objective import Objective, default_lambda
+from iaif.selection.shard import Shard, launch_shard
 
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def synthetic_phi(n: int, m: int, latent: int, clusters: int, seed: int, chunk: int = 65536) -> torch.Tensor:
-    """Cosines between clustered pool features (5% exact duplicates) and clustered targets, [n, m]."""
+def fill_synthetic_phi(out: np.ndarray, latent: int, clusters: int, seed: int, chunk: int = 65536) -> None:
+    """Cosines between clustered pool features (5% exact duplicates) and clustered targets into
+    ``out`` ([n, m], in memory or memory-mapped), chunk by chunk."""
+    n, m = out.shape
     g = torch.Generator().manual_seed(seed)
     centers = torch.nn.functional.normalize(torch.randn(clusters, latent, generator=g), dim=1)
     target_clusters = torch.randint(clusters, (max(1, m // 16),), generator=g)
     tgt = centers[target_clusters.repeat_interleave(16)[:m]] + 0.7 * torch.randn(m, latent, generator=g) / latent**0.5
     tgt = torch.nn.functional.normalize(tgt, dim=1)
-    phi = torch.empty(n, m)
     for i in range(0, n, chunk):
         rows = min(chunk, n - i)
         lab = torch.randint(clusters, (rows,), generator=g)
         x = centers[lab] + 1.5 * torch.randn(rows, latent, generator=g) / latent**0.5
-        phi[i : i + rows] = torch.nn.functional.normalize(x, dim=1) @ tgt.T
-    perm = torch.randperm(n, generator=g)
-    phi[perm[: n // 20]] = phi[perm[n // 20 : 2 * (n // 20)]]  # distinct rows, so the copy is well defined
+        out[i : i + rows] = (torch.nn.functional.normalize(x, dim=1) @ tgt.T).numpy()
+    perm = torch.randperm(n, generator=g).numpy()
+    out[perm[: n // 20]] = out[perm[n // 20 : 2 * (n // 20)]]  # distinct rows, so the copy is well defined
+
+
+def synthetic_phi(n: int, m: int, latent: int, clusters: int, seed: int) -> torch.Tensor:
+    """``fill_synthetic_phi`` into a float32 tensor in memory."""
+    phi = torch.empty(n, m)
+    fill_synthetic_phi(phi.numpy(), latent, clusters, seed)
     return phi
 
 
@@ -65,6 +90,93 @@ def straightforward_loop(obj: Objective, steps: int) -> tuple[float, list[int]]:
     return (time.perf_counter() - start) / steps, picks
 
 
+def _store_shard(args: argparse.Namespace) -> tuple[torch.Tensor, Shard]:
+    """This process's rows of the memory-mapped Φ store (written first when missing, one process only)."""
+    path = Path(args.store)
+    if not path.is_file():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit(f"{path}: no such store; write it first in one process (--write-only)")
+        tmp = path.with_suffix(".partial.npy")
+        start = time.perf_counter()
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(args.dtype), shape=(args.n, args.m))
+        fill_synthetic_phi(out, args.latent, args.clusters, args.seed)
+        out.flush()
+        del out
+        tmp.rename(path)
+        print(f"wrote {path} ({args.dtype}[{args.n}, {args.m}]) in {time.perf_counter() - start:.0f} s")
+    array = np.load(path, mmap_mode="r")
+    if array.shape != (args.n, args.m):
+        raise SystemExit(f"{path}: holds {list(array.shape)}, --n/--m say [{args.n}, {args.m}]")
+    shard = launch_shard(args.n, args.chunk_rows)
+    with warnings.catch_warnings():  # read-only map: the selector never writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        rows = torch.from_numpy(array[shard.start : shard.stop])
+    return rows, shard
+
+
+def _gather_figures(shard: Shard, figures: list[float]) -> list[list[float]]:
+    """Every process's figures (on process 0's screen)."""
+    if shard.world == 1:
+        return [figures]
+    import torch.distributed as dist
+
+    every = [torch.zeros(len(figures), dtype=torch.float64) for _ in range(shard.world)]
+    dist.all_gather(every, torch.tensor(figures, dtype=torch.float64))
+    return [t.tolist() for t in every]
+
+
+def store_main(args: argparse.Namespace) -> None:
+    """Greedy from the memory-mapped store, sharded over the launch's processes (module docstring)."""
+    rss0 = _peak_rss_bytes()
+    curv, shard = _store_shard(args)
+    if args.write_only:
+        return
+    device = torch.device(args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
+    start = time.perf_counter()
+    if device.type != "cpu":
+        curv = curv.to(device)
+    scores = torch.empty(shard.size, dtype=torch.float32, device=device)
+    for i in range(0, shard.size, args.chunk_rows):
+        scores[i : i + args.chunk_rows] = curv[i : i + args.chunk_rows].float().mean(dim=1)
+    lam = default_lambda(scores, curv, args.k, None, shard=shard)
+    obj = Objective(scores, curv, lam)
+    setup = time.perf_counter() - start
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = greedy_select([obj], args.k, args.kind, args.epsilon, args.shortlist, chunk_rows=args.chunk_rows,
+                           seed=args.seed, progress=args.progress and shard.rank == 0, shard=shard)
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    value = obj.value(result.indices, shard)
+    phi_bytes = curv.numel() * curv.element_size()
+    figures = [took, setup, _peak_rss_bytes(), rss0, phi_bytes, result.refreshes, cpu]
+    every = _gather_figures(shard, figures)
+    if shard.world > 1:
+        import torch.distributed as dist
+
+        from iaif.common.dist import close_process_group
+
+        dist.barrier()
+        close_process_group()
+    if shard.rank != 0:
+        return
+    digest = hashlib.sha256(json.dumps(result.indices).encode()).hexdigest()[:16]
+    print(f"N={args.n} m={args.m} k={args.k} {args.kind} greedy, {shard.world} process(es), "
+          f"threads {torch.get_num_threads()}, {args.dtype} store, device {device}, λ={lam:.6g}")
+    for r, (t, su, peak, base, phib, refr, c) in enumerate(every):
+        print(f"  rank {r}: greedy {t:.1f} s ({c:.1f} s of CPU) (+ scores and λ {su:.1f} s), full passes {int(refr)}, "
+              f"peak RSS {peak / 2**30:.2f} GiB = {peak / phib:.2f}× its Φ shard ({phib / 2**30:.2f} GiB; "
+              f"{(peak - base) / phib:.2f}× without the {base / 2**30:.2f} GiB at start)")
+    print(f"J = {value:.6g}, picks digest {digest} (first {result.indices[:5]})")
+    if args.picks:
+        Path(args.picks).write_text(json.dumps(result.indices))
+    if args.json:
+        ranks = [{"greedy_seconds": round(t, 2), "greedy_cpu_seconds": round(c, 2), "setup_seconds": round(su, 2),
+                  "full_passes": int(refr), "peak_rss_gib": round(peak / 2**30, 3), "phi_shard_gib": round(phib / 2**30, 3),
+                  "peak_over_phi": round(peak / phib, 3)} for t, su, peak, base, phib, refr, c in every]
+        Path(args.json).write_text(json.dumps({
+            "n": args.n, "m": args.m, "k": args.k, "kind": args.kind, "processes": shard.world, "dtype": args.dtype,
+            "device": str(device), "lambda": lam, "objective": value, "picks_digest": digest, "ranks": ranks}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=270_000)
@@ -76,7 +188,19 @@ def main() -> None:
     ap.add_argument("--naive-steps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true", help="show the greedy progress bar")
+    ap.add_argument("--store", help="memory-mapped Φ (.npy): sharded run from it (written when missing)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of a new store")
+    ap.add_argument("--write-only", action="store_true", help="only write the store")
+    ap.add_argument("--kind", default="exact", choices=["exact", "stochastic"])
+    ap.add_argument("--epsilon", type=float, default=0.01, help="stochastic greedy's ε")
+    ap.add_argument("--chunk-rows", type=int, default=65536)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (store mode)")
+    ap.add_argument("--picks", help="store mode: write the picked indices (JSON) here")
+    ap.add_argument("--json", help="store mode: write the figures (JSON) here")
     args = ap.parse_args()
+    if args.store:
+        store_main(args)
+        return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     rss0 = _peak_rss_bytes()
     phi = synthetic_phi(args.n, args.m, args.latent, args.clusters, args.seed)

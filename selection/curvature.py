@@ -62,30 +62,31 @@ class InfluenceTerms:
 
 
 def influence_terms(kind: Curvature, src: FeatureSource, cand_ids: list[str], target_ids: Sequence[str],
-                    groups: Sequence[str]) -> InfluenceTerms:
+                    groups: Sequence[str], rows: range | None = None) -> InfluenceTerms:
     """Scores and curvature features of the candidates ``cand_ids``, target example i belonging to
-    group ``groups[i]`` (module docstring)."""
+    group ``groups[i]`` (module docstring); ``rows``: only those candidates' (one process's shard,
+    starting on a multiple of ``src.chunk_rows``)."""
     if kind not in ("ef", "gn", "identity"):
         raise ValueError(f"unknown curvature '{kind}'")
     if kind == "gn" and not any(p.sampled_targets for p in src.stores):
         raise ValueError("curvature=gn needs sampled_target_stores")
     perm, cols = group_columns(groups)
     phi = influence_matrix(src.checkpoints, cand_ids, [target_ids[i] for i in perm], src.chunk_rows, src.device,
-                           src.geometry)
+                           src.geometry, rows)
     scores = {name: phi[:, c].mean(dim=1) for name, c in cols.items()}
     if kind == "ef":
         return InfluenceTerms(scores, cols, phi, cols, None)
     del phi  # before ψ is built: one [N, ·] matrix at a time
     if kind == "identity":
-        psi = parameter_features(src.checkpoints, cand_ids, src.chunk_rows, src.device, src.geometry)
+        psi = parameter_features(src.checkpoints, cand_ids, src.chunk_rows, src.device, src.geometry, rows)
         return InfluenceTerms(scores, cols, psi, None, 1.0)
     group_of = {t: g for t, g in zip(target_ids, groups)}
-    psi, sampled_cols = _sampled_label_features(src, cand_ids, group_of)
+    psi, sampled_cols = _sampled_label_features(src, cand_ids, group_of, rows)
     return InfluenceTerms(scores, cols, psi, sampled_cols, None)
 
 
-def _sampled_label_features(src: FeatureSource, cand_ids: list[str], group_of: dict[str, str]
-                            ) -> tuple[torch.Tensor, dict[str, slice]]:
+def _sampled_label_features(src: FeatureSource, cand_ids: list[str], group_of: dict[str, str],
+                            rows: range | None) -> tuple[torch.Tensor, dict[str, slice]]:
     """Φ against the sampled-label target rows, columns grouped like their examples; a row of a
     true-label store (its id a target id) counts as one draw of its example."""
     ckpts = open_checkpoints(src.stores, sampled=True)
@@ -97,5 +98,5 @@ def _sampled_label_features(src: FeatureSource, cand_ids: list[str], group_of: d
             raise ValueError(f"sampled-label store row '{row}' matches no target example")
         labels.append(group_of[example])
     perm, cols = group_columns(labels)
-    psi = influence_matrix(ckpts, cand_ids, [ids[i] for i in perm], src.chunk_rows, src.device, src.geometry)
+    psi = influence_matrix(ckpts, cand_ids, [ids[i] for i in perm], src.chunk_rows, src.device, src.geometry, rows)
     return psi, cols

@@ -24,7 +24,16 @@ of them (sorted by refresh gain) is ever looked at. On CPU the selector runs sin
 per-step work is small; one thread also makes runs bit-for-bit repeatable).
 
 Stochastic greedy (Mirzasoleiman et al. 2015): each step evaluates the exact gain of
-⌈(N/k)·ln(1/ε)⌉ random unselected candidates and takes the best.
+⌈(N/k)·ln(1/ε)⌉ random unselected candidates and takes the best. The candidates are drawn uniformly
+(with replacement) among the unselected ones by rejection: uniform draws over all N, those already
+selected dropped, until enough are kept (while at least half the pool is unselected; after that, from
+the list of unselected rows), so a step costs O(sample), not O(N).
+
+Sharded over processes (``iaif.selection.shard``): each rank's trackers hold its slice of the
+candidates, every rank keeps the mask of selected rows of the whole pool, each step's winner is the
+best of the ranks' bests (lowest global index among equal gains) and its rows reach every rank, and the
+stochastic draws come from one seeded generator advanced identically on every rank: the picks are the
+same for any number of processes.
 
 Both kinds are trackers of one objective's gains (``GainTracker``: ``best`` picks a row, ``add``
 accounts for a pick): ``ExactTracker`` and ``StochasticTracker``. Several objectives (one per target
@@ -40,11 +49,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 from iaif.common.progress import progress_iter
 from iaif.selection.estimators import marginal_gain
 from iaif.selection.objective import Objective
+from iaif.selection.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +78,8 @@ class GreedyStep:
 class GreedyResult:
     steps: list[GreedyStep]
     refreshes: int
-    """Full passes over the pool (exact greedy); 0 for stochastic greedy."""
+    """Full passes over the pool (over this process's candidates when sharded; exact greedy); 0 for
+    stochastic greedy."""
 
     @property
     def indices(self) -> list[int]:
@@ -78,11 +90,27 @@ def _row_chunks(n: int, chunk_rows: int) -> list[slice]:
     return [slice(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
 
 
+class _Float32Rows:
+    """Row chunks of ψ as float32: the rows themselves when ψ is float32, else converted into one
+    reused buffer (a fresh chunk-sized allocation per chunk costs page faults on every pass)."""
+
+    def __init__(self, curv: torch.Tensor, chunk_rows: int):
+        self.curv = curv
+        convert = curv.dtype != torch.float32
+        self.buf = torch.empty(min(chunk_rows, curv.shape[0]) if convert else 0, curv.shape[1], dtype=torch.float32,
+                               device=curv.device)
+
+    def __call__(self, sl: slice) -> torch.Tensor:
+        rows = self.curv[sl]
+        return rows if rows.dtype == torch.float32 else self.buf[: rows.shape[0]].copy_(rows)
+
+
 def _sq_norms(curv: torch.Tensor, chunk_rows: int, name: str) -> torch.Tensor:
     """‖ψ_c‖² of every row; NaN or inf features are an error naming the first such row."""
     out = torch.empty(curv.shape[0], dtype=torch.float32, device=curv.device)
+    chunk = _Float32Rows(curv, chunk_rows)
     for sl in _row_chunks(curv.shape[0], chunk_rows):
-        rows = curv[sl].float()
+        rows = chunk(sl)
         out[sl] = (rows * rows).sum(dim=1)  # as marginal_gain computes it, row by row
     bad = ~torch.isfinite(out)
     if bool(bad.any()):
@@ -111,6 +139,7 @@ class ExactTracker:
         self.obj, self.selected, self.chunk_rows = obj, selected, chunk_rows
         self.m_short = shortlist
         n, q = obj.curv.shape
+        self.free = n - int(selected.sum())
         dev = obj.curv.device
         self.sq = _sq_norms(obj.curv, chunk_rows, obj.name)
         self.cum = torch.zeros(q, dtype=torch.float32, device=dev)
@@ -118,11 +147,14 @@ class ExactTracker:
         rank = min(basis_rank, q, n) if self.coef > 0 else 0
         self.basis = _leading_directions(obj.curv, rank, seed)
         self.z = torch.empty(n, self.basis.shape[1], dtype=torch.float32, device=dev)
+        self.rows = _Float32Rows(obj.curv, chunk_rows)
         for sl in _row_chunks(n, chunk_rows):
-            self.z[sl] = obj.curv[sl].float() @ self.basis
+            self.z[sl] = self.rows(sl) @ self.basis
         self.perp = (self.sq - (self.z * self.z).sum(dim=1)).clamp_min(0).sqrt()
         self.psi_max = float(self.sq.max().sqrt()) if n else 0.0
+        self.short_idx = self.short_psi = self.short_scores = self.short_sq = torch.empty(0)
         self.refreshes = 0
+        self.refresh_cost = n * (q + 32) // (self.basis.shape[1] + 1)  # a refresh's work, in bounded rows
         self.ties_persist = False  # the last step had more near-best candidates than a refresh could shortlist
         self._refresh()
 
@@ -134,19 +166,19 @@ class ExactTracker:
         g = torch.empty(n, dtype=torch.float32, device=self.cum.device)
         for sl in _row_chunks(n, self.chunk_rows):
             # refresh gains only order and bound the candidates (within tol), so the fast product will do
-            g[sl] = marginal_gain(o.scores[sl], o.curv[sl].float(), self.cum, o.lam, o.scale, self.sq[sl],
+            g[sl] = marginal_gain(o.scores[sl], self.rows(sl), self.cum, o.lam, o.scale, self.sq[sl],
                                   exact_rows=False)[0]
         g[self.selected] = -math.inf
         free = int((~self.selected).sum())
         g_sorted, order = torch.sort(g, descending=True, stable=True)
         m = min(self.m_short, free)
-        self.short_idx = order[:m]
-        self.short_psi = o.curv[self.short_idx].float()
+        self._set_shortlist(order[:m])
         # the outside candidates in order of their refresh gain, with their bound terms alongside
         self.out_order, self.out_g = order[m:free], g_sorted[m:free].contiguous()
         self.out_neg_g = -self.out_g
         self.out_z, self.out_perp = self.z[self.out_order], self.perp[self.out_order]
         self.cum_ref = self.cum.clone()
+        self.bounded = 0  # rows bounded since this refresh
         self.outside = torch.zeros(n, dtype=torch.bool, device=g.device)
         self.outside[self.out_order] = True
         has_out = free > m
@@ -155,9 +187,21 @@ class ExactTracker:
         self.zmax_out = self.out_z.max(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
         self.perp_max_out = float(self.out_perp.max()) if has_out else 0.0
 
-    def add(self, index: int) -> None:
-        self.cum += self.obj.curv[index].float()
-        self.outside[index] = False
+    def _set_shortlist(self, idx: torch.Tensor, extend: bool = False) -> None:
+        """The candidates tracked exactly (``extend``: these join the current ones), with their rows,
+        scores and squared norms alongside."""
+        o = self.obj
+        new = [idx, o.curv.index_select(0, idx).float(), o.scores.index_select(0, idx), self.sq.index_select(0, idx)]
+        if extend:
+            old: list[torch.Tensor] = [self.short_idx, self.short_psi, self.short_scores, self.short_sq]
+            new = [torch.cat([a, b]) for a, b in zip(old, new)]
+        self.short_idx, self.short_psi, self.short_scores, self.short_sq = new
+
+    def add(self, index: int, local: int, row: torch.Tensor) -> None:
+        self.cum += row
+        if local >= 0:
+            self.outside[local] = False
+            self.free -= 1
 
     def best(self) -> tuple[int, float, float]:
         """Exact argmax of the gain over unselected candidates, the lowest index among equal gains:
@@ -166,13 +210,15 @@ class ExactTracker:
         Terminates whatever the number of ties: a step refreshes at most once; when even then more
         candidates than the shortlist could reach the best gain (e.g. thousands of exact duplicates),
         their exact gains are computed directly, in chunks, for this step, and the following steps do
-        so without refreshing first until the ties are gone."""
+        so without refreshing first until the ties are gone. (−1, −inf, 0) when every row is selected."""
         o = self.obj
+        if self.free == 0:
+            return -1, -math.inf, 0.0
         refreshed = False
         while True:
             idx = self.short_idx
-            g, inter = marginal_gain(o.scores[idx], self.short_psi, self.cum, o.lam, o.scale, self.sq[idx])
-            g = g.masked_fill(self.selected[idx], -math.inf)
+            g, inter = marginal_gain(self.short_scores, self.short_psi, self.cum, o.lam, o.scale, self.short_sq)
+            g = g.masked_fill(self.selected.index_select(0, idx), -math.inf)
             j = _first_best(idx, g)
             b = float(g[j])
             if not math.isfinite(b):
@@ -193,7 +239,12 @@ class ExactTracker:
             if prefix == 0:
                 self.ties_persist = False
                 return int(idx[j]), b, float(inter[j])
-            if prefix > len(self.out_order) // 4 + self.m_short and not refreshed and not self.ties_persist:
+            self.bounded += prefix
+            # refresh when the prefix is a large part of the pool, or when the bounding work since the
+            # last refresh (r + 1 products a row) has added up to what a refresh costs (q a row, plus
+            # the sort): paying for bounds never costs more than about twice the best refresh schedule
+            if ((prefix > len(self.out_order) // 4 + self.m_short or self.bounded > self.refresh_cost)
+                    and not refreshed and not self.ties_persist):
                 self._refresh()
                 refreshed = True
                 continue
@@ -212,8 +263,7 @@ class ExactTracker:
                     continue
                 self.ties_persist = True  # a refresh did not help: skip it while the ties last
                 return self._best_of(torch.cat([idx[j : j + 1], cand]))
-            self.short_idx = torch.cat([idx, cand])
-            self.short_psi = torch.cat([self.short_psi, o.curv[cand].float()])
+            self._set_shortlist(cand, extend=True)
             self.outside[cand] = False
 
     def _best_of(self, rows: torch.Tensor) -> tuple[int, float, float]:
@@ -240,26 +290,55 @@ def _first_best(idx: torch.Tensor, g: torch.Tensor) -> int:
 
 class StochasticTracker:
     """Stochastic greedy gains of one objective: each ``best`` draws ``sample`` unselected candidates
-    from ``gen`` (shared by the objectives served round-robin) and takes the best of them."""
+    of the whole pool from ``gen`` (shared by the objectives served round-robin, advanced alike on
+    every rank) and takes the best of those this shard owns."""
 
     refreshes = 0
 
-    def __init__(self, obj: Objective, selected: torch.Tensor, sample: int, gen: torch.Generator, chunk_rows: int):
-        self.obj, self.selected, self.sample, self.gen = obj, selected, sample, gen
+    def __init__(self, obj: Objective, selected: torch.Tensor, shard: Shard, sample: int, gen: np.random.Generator,
+                 chunk_rows: int):
+        self.obj, self.selected, self.shard, self.sample, self.gen = obj, selected, shard, sample, gen
+        self.free = shard.n - int(selected.sum())
+        self.mask = selected.cpu()  # where the draws are checked (a copy kept up to date when on a GPU)
+        self.mask_np = self.mask.numpy()  # the same memory: per-step work on ~100 draws is cheapest in numpy
         self.cum = torch.zeros(obj.curv.shape[1], dtype=torch.float32, device=selected.device)
         self.sq = _sq_norms(obj.curv, chunk_rows, obj.name)
 
-    def add(self, index: int) -> None:
-        self.cum += self.obj.curv[index].float()
+    def add(self, index: int, local: int, row: torch.Tensor) -> None:
+        self.cum += row
+        self.free -= 1
+        self.mask[index] = True  # the shared mask itself on the CPU (set already), else the copy
+
+    def _draw(self) -> np.ndarray:
+        """This step's candidates: ``sample`` uniform draws among the unselected rows of the whole pool,
+        with replacement, distinct and sorted (global indices)."""
+        n, want, mask = self.shard.n, min(self.sample, self.free), self.mask_np
+        if 2 * self.free >= n:  # rejection: a draw is kept with probability ≥ ½
+            kept: list[np.ndarray] = []
+            got = 0
+            while got < want:
+                draw = self.gen.integers(n, size=want)
+                draw = draw[~mask[draw]]
+                kept.append(draw)
+                got += len(draw)
+            pick = np.concatenate(kept)[:want]
+        else:
+            free = np.flatnonzero(~mask)
+            pick = free[self.gen.integers(len(free), size=want)]
+        pick.sort()
+        return pick[np.concatenate(([True], pick[1:] != pick[:-1]))]  # np.unique, without its overhead
 
     def best(self) -> tuple[int, float, float]:
-        """(index, gain, interaction part) of the best of this step's random candidates."""
-        o = self.obj
-        free = (~self.selected).nonzero().squeeze(1)
-        pick = free[torch.randint(len(free), (min(self.sample, len(free)),), generator=self.gen,
-                                  device="cpu").to(free.device)]
-        pick = torch.unique(pick)
-        g, inter = marginal_gain(o.scores[pick], o.curv[pick].float(), self.cum, o.lam, o.scale, self.sq[pick])
+        """(index in this shard, gain, interaction part) of the best of this step's random candidates
+        that this shard owns; (−1, −inf, 0) when it owns none of them."""
+        o, sh = self.obj, self.shard
+        pick = self._draw()
+        pick = pick[(pick >= sh.start) & (pick < sh.stop)] - sh.start
+        if len(pick) == 0:
+            return -1, -math.inf, 0.0
+        idx = torch.from_numpy(pick).to(self.selected.device)
+        g, inter = marginal_gain(o.scores.index_select(0, idx), o.curv.index_select(0, idx).float(), self.cum,
+                                 o.lam, o.scale, self.sq.index_select(0, idx))
         j = int(torch.argmax(g))
         return int(pick[j]), float(g[j]), float(inter[j])
 
@@ -274,11 +353,13 @@ class GainTracker(Protocol):
     """Full passes over the pool so far."""
 
     def best(self) -> tuple[int, float, float]:
-        """The unselected row this step picks for the objective: (index, gain, interaction part)."""
+        """This shard's best unselected row for the objective this step: (index in the shard, gain,
+        interaction part); index −1 (gain −inf) when the shard has no candidate for it."""
         ...
 
-    def add(self, index: int) -> None:
-        """Account for row ``index`` having been selected (for any objective)."""
+    def add(self, index: int, local: int, row: torch.Tensor) -> None:
+        """Account for a selected row (for any objective): its index in the pool, in this shard (−1:
+        another shard's) and its ψ row (float32)."""
         ...
 
 
@@ -292,17 +373,22 @@ def greedy_select(
     chunk_rows: int = 65536,
     seed: int = 0,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> GreedyResult:
     """Choose k rows maximising the objective (one objective, or several served round-robin).
 
     ``kind="exact"``: exact greedy with shortlist and refresh bounds; ``"stochastic"``: stochastic
     greedy with ⌈(N/k)·ln(1/ε)⌉ candidates per step. Every step is logged at DEBUG level.
+    ``shard``: the objectives hold this process's rows of a pool split over processes (every rank
+    calls this with its rows; indices in the result are global; each rank tracks ⌈shortlist / ranks⌉
+    candidates exactly); None: the whole pool.
     """
     if not objectives:
         raise ValueError("no objective given")
-    n = objectives[0].scores.shape[0]
-    if any(o.scores.shape[0] != n for o in objectives):
-        raise ValueError("all objectives must cover the same candidates")
+    shard = shard or Shard.whole(objectives[0].scores.shape[0])
+    n = shard.n
+    if any(o.scores.shape[0] != shard.size for o in objectives):
+        raise ValueError(f"all objectives must cover the same candidates ({shard.size} rows of this shard)")
     if n == 0:
         raise ValueError("empty pool: no candidates to select from")
     if not 1 <= k <= n:
@@ -313,6 +399,7 @@ def greedy_select(
         if not bool(torch.isfinite(o.scores).all()):
             raise ValueError(f"objective '{o.name}': scores contain NaN or inf")
     selected = torch.zeros(n, dtype=torch.bool, device=objectives[0].curv.device)
+    mine = selected[shard.start : shard.stop]  # a view: this shard's rows of the mask
     # single-threaded from here: per-step work is small, and one thread makes the float round-off,
     # hence the order among equal gains, the same on every run
     threads = torch.get_num_threads()
@@ -320,30 +407,36 @@ def greedy_select(
     try:
         trackers: list[GainTracker]
         if kind == "exact":
-            trackers = [ExactTracker(o, selected, shortlist, basis_rank, chunk_rows, seed) for o in objectives]
+            per_rank = math.ceil(shortlist / shard.world)  # the pool's best candidates spread over the ranks
+            trackers = [ExactTracker(o, mine, per_rank, basis_rank, chunk_rows, seed) for o in objectives]
         elif kind == "stochastic":
             if not 0 < epsilon < 1:
                 raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
             sample = math.ceil(n / k * math.log(1 / epsilon))
-            gen = torch.Generator().manual_seed(seed)
-            trackers = [StochasticTracker(o, selected, sample, gen, chunk_rows) for o in objectives]
+            gen = np.random.default_rng(seed)
+            trackers = [StochasticTracker(o, selected, shard, sample, gen, chunk_rows) for o in objectives]
         else:
             raise ValueError(f"unknown greedy kind '{kind}'")
-        return _greedy_loop(trackers, selected, k, f"greedy ({kind})", progress)
+        return _greedy_loop(trackers, selected, k, f"greedy ({kind})", progress and shard.rank == 0, shard)
     finally:
         torch.set_num_threads(threads)
 
 
 def _greedy_loop(trackers: Sequence[GainTracker], selected: torch.Tensor, k: int, label: str,
-                 progress: bool) -> GreedyResult:
-    """k steps; step i picks the best row of tracker i mod T, which every tracker then accounts for."""
+                 progress: bool, shard: Shard) -> GreedyResult:
+    """k steps; step i picks the best row of tracker i mod T (over all shards), which every tracker
+    then accounts for."""
     steps: list[GreedyStep] = []
+    widths = [tr.obj.curv.shape[1] for tr in trackers]
     for rank in progress_iter(range(k), k, label, "step", disable=not progress):
         tracker = trackers[rank % len(trackers)]
-        index, gain, inter = tracker.best()
+        local, gain, inter = tracker.best()
+        rows = [tr.obj.curv[local].float() for tr in trackers] if local >= 0 else None
+        index, gain, inter, picked = shard.winner(local, gain, inter, rows, widths)
         selected[index] = True
-        for tr in trackers:
-            tr.add(index)
+        here = shard.local(index)
+        for tr, row in zip(trackers, picked):
+            tr.add(index, here, row)
         step = GreedyStep(rank, index, gain, gain + inter, inter, tracker.obj.name)
         logger.debug("step %d: row %d (%s) gain %.6g = first-order %.6g − interaction %.6g",
                      rank, index, step.task, gain, step.first_order, inter)

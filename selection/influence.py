@@ -155,16 +155,28 @@ def _geometries(checkpoints: Sequence[CheckpointFeatures], pool_rows: Sequence[n
     return out
 
 
+def _row_range(rows: range | None, n: int, chunk_rows: int) -> range:
+    """The pool rows to build (all by default); a part must start on a chunk boundary, so its chunks
+    are those of the whole and its rows come out bit for bit the same."""
+    if rows is None:
+        return range(n)
+    if rows.step != 1 or not 0 <= rows.start <= rows.stop <= n or rows.start % chunk_rows:
+        raise ValueError(f"pool rows {rows}: a contiguous part of 0..{n} starting at a multiple of {chunk_rows}")
+    return rows
+
+
 def influence_matrix(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequence[str], target_ids: Sequence[str],
                      chunk_rows: int = 16384, device: str | torch.device = "cpu",
-                     geometry: FeatureGeometry = FeatureGeometry()) -> torch.Tensor:
-    """Φ [len(pool_ids), len(target_ids)] in the given row and column order (module docstring)."""
+                     geometry: FeatureGeometry = FeatureGeometry(), rows: range | None = None) -> torch.Tensor:
+    """Φ [len(pool_ids), len(target_ids)] in the given row and column order (module docstring);
+    ``rows``: only those pool rows (e.g. one process's shard; the whitening still covers every row)."""
     if not pool_ids:
         raise FeatureError("empty pool: no candidate has features")
     if not target_ids:
         raise FeatureError("no target examples")
     weights = _check_weights(checkpoints)
-    phi = torch.zeros(len(pool_ids), len(target_ids), dtype=torch.float32, device=device)
+    part = _row_range(rows, len(pool_ids), chunk_rows)
+    phi = torch.zeros(len(part), len(target_ids), dtype=torch.float32, device=device)
     for c in checkpoints:
         if c.pool.shape[1] != c.targets.shape[1]:
             raise FeatureError(f"{c.name}: pool features have dim {c.pool.shape[1]}, targets {c.targets.shape[1]}")
@@ -175,29 +187,32 @@ def influence_matrix(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequen
         where = c.target_name or f"{c.name} (targets)"
         tgt = prep(c.targets[_rows(c.target_ids, target_ids, where)], where, list(target_ids), device)
         plan.append((c, w, p_rows, tgt, prep))
-    for start in range(0, len(pool_ids), chunk_rows):
-        ids = list(pool_ids[start : start + chunk_rows])
+    for start in range(part.start, part.stop, chunk_rows):
+        end = min(start + chunk_rows, part.stop)
+        ids = list(pool_ids[start:end])
         for c, w, p_rows, tgt, prep in plan:
-            block = prep(c.pool[p_rows[start : start + chunk_rows]], f"{c.name} (pool)", ids, device)
-            phi[start : start + len(ids)] += w * (block @ tgt.T)
+            block = prep(c.pool[p_rows[start:end]], f"{c.name} (pool)", ids, device)
+            phi[start - part.start : end - part.start] += w * (block @ tgt.T)
     return phi
 
 
 def parameter_features(checkpoints: Sequence[CheckpointFeatures], pool_ids: Sequence[str],
                        chunk_rows: int = 16384, device: str | torch.device = "cpu",
-                       geometry: FeatureGeometry = FeatureGeometry()) -> torch.Tensor:
-    """u_a = concat_c √η̄_c · Γ̂_a^c, [len(pool_ids), Σ_c d_c] (identity curvature), Γ̂ in the given geometry."""
+                       geometry: FeatureGeometry = FeatureGeometry(), rows: range | None = None) -> torch.Tensor:
+    """u_a = concat_c √η̄_c · Γ̂_a^c, [len(pool_ids), Σ_c d_c] (identity curvature), Γ̂ in the given
+    geometry; ``rows`` as in ``influence_matrix``."""
     weights = _check_weights(checkpoints)
     dims = [c.pool.shape[1] for c in checkpoints]
-    out = torch.empty(len(pool_ids), sum(dims), dtype=torch.float32, device=device)
+    part = _row_range(rows, len(pool_ids), chunk_rows)
+    out = torch.empty(len(part), sum(dims), dtype=torch.float32, device=device)
     pool_rows = [_rows(c.pool_ids, pool_ids, f"{c.name} (pool)") for c in checkpoints]
     prepare = _geometries(checkpoints, pool_rows, geometry, pool_ids, chunk_rows, device)
     col = 0
-    for c, w, d, rows, prep in zip(checkpoints, weights, dims, pool_rows, prepare):
-        for start in range(0, len(pool_ids), chunk_rows):
-            ids = list(pool_ids[start : start + chunk_rows])
-            out[start : start + len(ids), col : col + d] = math.sqrt(w) * prep(
-                c.pool[rows[start : start + chunk_rows]], f"{c.name} (pool)", ids, device)
+    for c, w, d, p_rows, prep in zip(checkpoints, weights, dims, pool_rows, prepare):
+        for start in range(part.start, part.stop, chunk_rows):
+            end = min(start + chunk_rows, part.stop)
+            out[start - part.start : end - part.start, col : col + d] = math.sqrt(w) * prep(
+                c.pool[p_rows[start:end]], f"{c.name} (pool)", list(pool_ids[start:end]), device)
         col += d
     return out
 

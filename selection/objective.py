@@ -33,7 +33,8 @@ from typing import Literal
 
 import torch
 
-from iaif.selection.estimators import quadratic_part, selection_objective
+from iaif.selection.estimators import quadratic_part
+from iaif.selection.shard import Shard
 
 Combine = Literal["sum", "round-robin"]
 LamBudget = Literal["k", "per-task"]
@@ -66,10 +67,21 @@ class Objective:
         """λ·scale, the factor of ⟨ψ_c, C(A)⟩ in the gain."""
         return self.lam * (1.0 / self.curv.shape[1] if self.scale is None else self.scale)
 
-    def value(self, indices: Sequence[int] | torch.Tensor) -> float:
-        """J(A) of a set of row indices."""
+    def value(self, indices: Sequence[int] | torch.Tensor, shard: Shard | None = None, chunk_rows: int = 65536) -> float:
+        """J(A) of a set of row indices (global ones when the rows are a ``shard`` of the pool; every
+        rank calls it), summing the rows in chunks of ``chunk_rows``."""
+        shard = shard or Shard.whole(self.scores.shape[0])
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.curv.device)
-        return selection_objective(self.curv[idx].float(), self.lam, self.scores[idx], self.scale)
+        return float(shard.gather_rows(self.scores, idx).sum()) - self.lam * quadratic_part(
+            _row_sum(self.curv, idx, shard, chunk_rows), self.scale)
+
+
+def _row_sum(curv: torch.Tensor, idx: torch.Tensor, shard: Shard, chunk_rows: int) -> torch.Tensor:
+    """Σ of rows ``idx`` of a (row-sharded) ψ, float32, chunk by chunk in the order of ``idx``."""
+    cum = torch.zeros(curv.shape[1], dtype=torch.float32, device=curv.device)
+    for i in range(0, len(idx), chunk_rows):
+        cum += shard.gather_rows(curv, idx[i : i + chunk_rows]).sum(dim=0)
+    return cum
 
 
 @dataclass(frozen=True)
@@ -86,14 +98,14 @@ class TaskTerms:
 
 
 def default_lambda(scores: torch.Tensor, curv: torch.Tensor, k: int, scale: float | None,
-                   chunk_rows: int = 8192) -> float:
-    """λ = S_k / Q_k of the first-order top-k set (module docstring)."""
-    top = torch.topk(scores, min(k, scores.shape[0])).indices
-    s_k = float(scores[top].sum())
-    cum = torch.zeros(curv.shape[1], dtype=torch.float32, device=curv.device)
-    for i in range(0, len(top), chunk_rows):
-        cum += curv[top[i : i + chunk_rows]].float().sum(dim=0)
-    q_k = 2.0 * quadratic_part(cum, scale)
+                   chunk_rows: int = 8192, shard: Shard | None = None) -> float:
+    """λ = S_k / Q_k of the first-order top-k set (module docstring); with ``shard``, scores and curv
+    are this process's rows of the pool (every rank calls it and gets the same λ)."""
+    shard = shard or Shard.whole(scores.shape[0])
+    every = shard.full(scores)
+    top = torch.topk(every, min(k, every.shape[0])).indices
+    s_k = float(every[top].sum())
+    q_k = 2.0 * quadratic_part(_row_sum(curv, top, shard, chunk_rows), scale)
     if not (s_k > 0 and q_k > 0):
         raise ValueError(
             f"default λ undefined: the first-order top-{k} set has first-order value {s_k:.4g} and "
@@ -109,11 +121,13 @@ def build_objectives(
     lam: float | None = None,
     lam_factor: float = 1.0,
     lam_budget: LamBudget = "k",
+    shard: Shard | None = None,
 ) -> tuple[list[Objective], dict[str, float]]:
     """Objectives for ``greedy_select`` and the λ used per task.
 
     ``lam=None`` applies the default rule per task (times ``lam_factor``). Under ``sum`` with
     several tasks, ``curv`` is rescaled in place (it belongs to the caller's selection run).
+    ``shard``: scores and ``curv`` are this process's rows of a pool split over processes.
     """
     if not tasks:
         raise ValueError("no target task")
@@ -126,7 +140,7 @@ def build_objectives(
         view = curv if t.columns is None else curv[:, t.columns]
         if view.shape[1] == 0:
             raise ValueError(f"task '{t.name}' has no target features")
-        lam_t = lam if lam is not None else lam_factor * default_lambda(t.scores, view, k_task, t.scale)
+        lam_t = lam if lam is not None else lam_factor * default_lambda(t.scores, view, k_task, t.scale, shard=shard)
         lams[t.name] = lam_t
         parts.append(Objective(t.scores, view, lam_t, t.scale, t.name))
     if combine == "round-robin" or len(parts) == 1:

@@ -8,6 +8,11 @@ each (task, subtask) group of target examples, max over all groups, top-k), ``ra
 ``subtask`` or ``meta.subtask`` field, else its task.
 Curvature ``identity`` holds N × (checkpoints · d) features in memory: meant for small d.
 Outputs are written to temporary names and renamed at the end: a failed run leaves nothing half-written.
+
+Under ``accelerate launch`` with several processes, ``interaction`` and ``first-order`` shard the
+candidates (``iaif.selection.shard``): each process builds Φ / ψ for its slice only and the greedy runs
+over all of them, with the same picks as one process; the other methods run in process 0 alone. Only
+process 0 writes.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 Method = Literal["interaction", "less", "first-order", "random", "rds", "embed", "airrep"]
 """The selection methods, the one list (the pipeline compares them all by default)."""
+SHARDED_METHODS = ("interaction", "first-order")
+"""Methods that split the candidates over the processes of a launch."""
 META_FIELD = "_iaif"
 
 
@@ -99,7 +106,8 @@ class SelectConfig:
     epsilon: float = 0.01
     """Stochastic greedy's ε."""
     shortlist: int = 1024
-    """Exact greedy: candidates tracked exactly between full passes (speed only, same result)."""
+    """Exact greedy: candidates tracked exactly between full passes (speed only, same result; split
+    over the processes of a launch)."""
     balance: Literal["none", "source", "task"] = "none"
     """random: equal counts per source file or per task."""
     similarity: Literal["max", "round-robin"] = "max"
@@ -196,21 +204,27 @@ def _less_select(src: FeatureSource, k: int, cand_ids: list[str], targets: list[
 def _feature_select(cfg: SelectConfig, k: int, src: FeatureSource, cand_ids: list[str],
                     targets: list[Example]) -> Selection:
     from iaif.selection.greedy import greedy_select
+    from iaif.selection.shard import launch_shard
 
     if cfg.method == "less":
         return _less_select(src, k, cand_ids, targets)
-    terms = influence_terms(cfg.curvature, src, cand_ids, [t.id for t in targets], [t.task for t in targets])
+    shard = launch_shard(len(cand_ids), cfg.chunk_rows)
+    if shard.world > 1 and src.device.startswith("cuda"):
+        src = replace(src, device=f"cuda:{torch.cuda.current_device()}")  # each process its own GPU
+    terms = influence_terms(cfg.curvature, src, cand_ids, [t.id for t in targets], [t.task for t in targets],
+                            range(shard.start, shard.stop))
     cols = terms.curv_columns
     tasks = [TaskTerms(name, s, None if cols is None else cols[name], terms.scale) for name, s in terms.scores.items()]
     lam = 0.0 if cfg.method == "first-order" else cfg.lam
-    objectives, lams = build_objectives(tasks, terms.curv, k, cfg.combine, lam, cfg.lam_factor, cfg.lam_budget)
+    objectives, lams = build_objectives(tasks, terms.curv, k, cfg.combine, lam, cfg.lam_factor, cfg.lam_budget,
+                                        shard)
     start = time.perf_counter()
     result = greedy_select(objectives, k, cfg.greedy, cfg.epsilon, cfg.shortlist, chunk_rows=cfg.chunk_rows,
-                           seed=cfg.seed)
+                           seed=cfg.seed, shard=shard)
     idx = result.indices
-    value = sum(o.value(idx) for o in objectives)
+    value = sum(o.value(idx, shard) for o in objectives)
     info = {"lambda": lams, "objective": value, "greedy_seconds": round(time.perf_counter() - start, 3),
-            "full_refreshes": result.refreshes,
+            "full_refreshes": result.refreshes, "processes": shard.world,
             "tasks": {n: s.stop - s.start for n, s in terms.target_columns.items()}}
     return Selection(idx, [s.gain for s in result.steps], [s.first_order for s in result.steps],
                      [s.interaction for s in result.steps], info)
@@ -342,16 +356,29 @@ METHODS: dict[str, Selector] = {
 
 
 def run_select(cfg: SelectConfig) -> Path:
-    """Run one selection method and write its outputs (module docstring)."""
+    """Run one selection method and write its outputs (module docstring). Under a launch of several
+    processes every process calls it (``SHARDED_METHODS`` split the work, the others run in process 0)."""
     from iaif.selection.checks import check_settings
 
     check_settings(cfg)
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method '{cfg.method}'")
-    pool = load_examples(cfg.pool)
-    candidates, sel, extra = METHODS[cfg.method](cfg, pool)
-    out = write_selection(Path(cfg.output_dir), cfg, candidates, sel, extra)
-    logger.info("selected %d of %d with %s -> %s", len(sel.indices), len(candidates), cfg.method, out / SELECTED_FILE)
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from iaif.common.dist import process_state
+
+        state = process_state(cpu=not torch.cuda.is_available())
+    main = state is None or state.is_main_process
+    out = Path(cfg.output_dir)
+    if main or cfg.method in SHARDED_METHODS:
+        pool = load_examples(cfg.pool)
+        candidates, sel, extra = METHODS[cfg.method](cfg, pool)
+        if main:
+            write_selection(out, cfg, candidates, sel, extra)
+            logger.info("selected %d of %d with %s -> %s", len(sel.indices), len(candidates), cfg.method,
+                        out / SELECTED_FILE)
+    if state is not None:
+        state.wait_for_everyone()
     return out
 
 

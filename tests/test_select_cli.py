@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from iaif.training.data import DataConfig, TextFormat, TokenizedExample, load_ex
 from iaif.training.lora import ModelConfig, load_tokenizer
 
 DIM = 6
+REPO = Path(__file__).resolve().parents[1]
 
 
 MAX_LENGTH = 64
@@ -150,6 +154,29 @@ def test_cli_select_and_fraction(setup):
     for r in lines:
         m = r["_iaif"]
         assert m["score"] == pytest.approx(m["first_order"] - m["interaction"], abs=1e-6)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("greedy", ["exact", "stochastic"])
+def test_select_under_two_processes_writes_the_one_process_selection(setup, greedy):
+    """Candidates split over 2 processes (8-row chunks: 16 and 13 of the 29), gloo on CPU."""
+    args = ["select", "--method", "interaction", "--pool.path", setup["pool"], "--targets", *setup["targets"],
+            "--pool_stores", *setup["pool_stores"], "--target_stores", *setup["target_stores"], "--k", "12",
+            "--chunk_rows", "8", "--combine", "round-robin", "--greedy", greedy, "--epsilon", "0.3"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    outs = {}
+    for world, prefix in ((1, [sys.executable]), (2, launch)):
+        outs[world] = setup["tmp"] / f"out{world}"
+        run = subprocess.run([*prefix, "-m", "iaif", *args, "--output_dir", str(outs[world])], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert (outs[1] / "selected.jsonl").read_text() == (outs[2] / "selected.jsonl").read_text()
+    one, two = (json.loads((outs[w] / "summary.json").read_text()) for w in (1, 2))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["lambda"] == two["lambda"] and one["objective"] == two["objective"]
+    assert len(_read(outs[1])[0]) == 12
 
 
 def test_attribute_matches_ef_group_estimate(setup, capsys):
