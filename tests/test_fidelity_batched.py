@@ -11,10 +11,11 @@ from iaif.evaluation.fidelity.datasets import Split
 from iaif.evaluation.fidelity.hessian import dense_ggn, exact_curvature, ggn_vp
 from iaif.evaluation.fidelity.models import FlatModel, build_model
 from iaif.evaluation.fidelity.objective import Problem, hvp_of
-from iaif.evaluation.fidelity.retrain import FitSettings, RetrainSettings, batched_retrain, fit
+from iaif.evaluation.fidelity.retrain import FitSettings, RetrainSettings, batched_retrain, fit, polish
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TIGHT = FitSettings(max_iter=5000, tol_grad=1e-10)
+TIGHT = FitSettings(max_iter=5000, tol_grad=1e-10, polish_rounds=20)
+ROUGH = FitSettings(max_iter=100)
 
 
 def _split(n: int, m: int, d: int, classes: int, seed: int, image: tuple[int, int, int] | None = None) -> Split:
@@ -46,22 +47,28 @@ def _precondition(problem: Problem, theta: torch.Tensor, kind: str = "hessian"):
     return lambda rows: curv.ihvp(rows.T).T
 
 
-@pytest.mark.parametrize("model", ["logreg", "mlp"])
+def _toy_problem(model: str) -> Problem:
+    if model == "resnet":
+        return Problem(FlatModel(build_model("resnet", (1, 5, 5), 3, (2, 2, 2, 2), "gelu")), _split(60, 10, 0, 3, 4, (1, 5, 5)), 1e-2)
+    return Problem(FlatModel(build_model(model, (4,), 3, (6,), "tanh")), _split(120, 30, 4, 3, seed=0), 5e-2)
+
+
+@pytest.mark.parametrize("model", ["logreg", "mlp", "resnet"])
 def test_batched_retraining_equals_one_at_a_time(model):
-    split = _split(120, 30, 4, 3, seed=0)
-    net = FlatModel(build_model(model, (4,), 3, (6,), "tanh"))
-    problem = Problem(net, split, 5e-2)
-    theta = fit(problem, net.init_params(0), TIGHT)
+    problem = _toy_problem(model)
+    start = fit(problem, problem.model.init_params(0), ROUGH if model == "resnet" else TIGHT)
+    theta = polish(problem, start, TIGHT)
     groups = _groups(problem.n, 1)
-    out = batched_retrain(problem, theta, _weights(problem.n, groups), _precondition(problem, theta),
-                          RetrainSettings(tol_grad=1e-10, max_iter=200))
+    settings = RetrainSettings(tol_grad=1e-10, max_iter=1000)
+    out = batched_retrain(problem, theta, _weights(problem.n, groups), _precondition(problem, theta), settings)
     assert out.converged.all() and (out.grad_max <= 1e-10).all()
     for row, w in enumerate(_weights(problem.n, groups)):
-        single = batched_retrain(problem, theta, w[None], _precondition(problem, theta), RetrainSettings(tol_grad=1e-10, max_iter=200))
+        single = batched_retrain(problem, theta, w[None], _precondition(problem, theta), settings)
         assert torch.allclose(out.theta[row], single.theta[0], atol=1e-9), row  # batching changes nothing
-        alone = fit(problem, theta, TIGHT, w)  # one group at a time, torch's L-BFGS (stalls near 1e-8)
-        assert torch.allclose(out.theta[row], alone, atol=1e-6), row
-        assert float(problem.target(out.theta[row])) == pytest.approx(float(problem.target(alone)), abs=1e-7)
+        alone = fit(problem, theta, TIGHT, w)  # one group at a time, torch's L-BFGS (stalls near 1e-8) ...
+        alone = polish(problem, alone, TIGHT, w)  # ... then polished from there with the curvature there
+        assert torch.allclose(out.theta[row], alone, atol=1e-8), row
+        assert float(problem.target(out.theta[row])) == pytest.approx(float(problem.target(alone)), abs=1e-8)
 
 
 def test_batched_retraining_equals_exact_newton_on_logistic_regression():
@@ -122,3 +129,29 @@ def test_cnn_ggn_products_equal_explicit_jacobian():
     assert torch.allclose(dense_ggn(problem, theta, chunk=5), explicit, rtol=1e-9, atol=1e-12)
     v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(ggn_vp(problem, theta)(v), explicit @ v, rtol=1e-9, atol=1e-12)
+
+
+def test_polish_takes_a_cnn_from_where_lbfgs_stops_to_the_tolerance():
+    problem = _toy_problem("resnet")
+    rough = fit(problem, problem.model.init_params(0), ROUGH)
+    grad = torch.func.grad(problem.objective)
+    assert float(grad(rough).abs().max()) > 1e-6  # L-BFGS alone is far from the tolerance here
+    theta = polish(problem, rough, FitSettings(tol_grad=1e-10, polish_rounds=20))
+    assert float(grad(theta).abs().max()) <= 1e-10
+    assert float(problem.objective(theta)) < float(problem.objective(rough))
+
+
+def test_normalisation_free_cnn_has_a_stationary_point_a_groupnorm_one_cannot():
+    """Why the CNN has no normalisation: a bias-free convolution followed by GroupNorm is scale-invariant
+    (ε aside), so ∇ℓ ⟂ W and ⟨∇L, W⟩ = λ‖W‖² > 0 — under L2 the gradient never vanishes."""
+    problem, _ = _tiny_cnn()
+    conv, norm = torch.nn.Conv2d(1, 3, 3, padding=1, bias=False).double(), torch.nn.GroupNorm(1, 3, eps=0.0).double()
+    x = problem.data.x_train
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(torch.nn.Sequential(conv, norm), {"0.weight": w, "1.weight": norm.weight, "1.bias": norm.bias},
+                                          (x,)).pow(3).mean()
+
+    w = conv.weight.detach()
+    assert abs(float((torch.func.grad(loss)(w) * w).sum())) < 1e-10 * float(w.norm()) * float(torch.func.grad(loss)(w).norm())
+    assert torch.allclose(loss(3.0 * w), loss(w), rtol=1e-12)

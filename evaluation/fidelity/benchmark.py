@@ -22,7 +22,7 @@ from iaif.common.provenance import write_run_info
 from iaif.evaluation.fidelity.datasets import default_data_dir, load_split
 from iaif.evaluation.fidelity.estimate import estimate_groups
 from iaif.evaluation.fidelity.groups import GroupSettings, draw_groups, projected_gradients
-from iaif.evaluation.fidelity.hessian import Curvature, CurvatureKind, build_curvature
+from iaif.evaluation.fidelity.hessian import CurvatureKind, build_curvature, row_preconditioner
 from iaif.evaluation.fidelity.models import FlatModel, ModelKind, build_model
 from iaif.evaluation.fidelity.objective import Problem
 from iaif.evaluation.fidelity.report import PairResult, markdown_table, scatter_plot, target_checks, write_results
@@ -138,11 +138,6 @@ def regimes(names: list[str], cfg: FidelityConfig) -> list[tuple[str, PairSpec]]
     return out
 
 
-def preconditioner(curvature: Curvature):
-    """Rows [B, p] ↦ rows of (H + δI)⁻¹: the retraining's initial inverse Hessian."""
-    return lambda rows: curvature.ihvp(rows.T).T
-
-
 def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cache_root: Path) -> PairResult:
     """Train, draw groups, retrain (batched, cached) and estimate on one pair."""
     timings: dict[str, float] = {}
@@ -174,7 +169,7 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     timings["curvature_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    truth = leave_group_out(problem, index, thetas if warm else inits, thetas, [preconditioner(c) for c in curvatures],
+    truth = leave_group_out(problem, index, thetas if warm else inits, thetas, [row_preconditioner(c) for c in curvatures],
                             caches, cfg.retrain, label=f"{name} retrain")
     timings["retrain_s"] = time.perf_counter() - t0
 

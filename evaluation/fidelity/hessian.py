@@ -48,6 +48,11 @@ class Curvature:
     raised_eigenvalues: int = 0
 
 
+def row_preconditioner(curvature: Curvature) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rows [B, p] ↦ rows of (H + δI)⁻¹ (the initial inverse Hessian of the batched L-BFGS)."""
+    return lambda rows: curvature.ihvp(rows.T).T
+
+
 def dense_hessian(fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """∇²fn(θ) as a [p, p] matrix, built from batches of ``chunk`` Hessian-vector products."""
     hvp = vmap(hvp_of(fn, theta))
