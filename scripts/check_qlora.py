@@ -82,7 +82,7 @@ def main() -> None:
 
     from iaif.selection.features.extract import ExtractConfig, run_extract
     from iaif.selection.features.store import FeatureStore
-    from iaif.training.data import DataConfig
+    from iaif.training.data import DataConfig, TextFormat
     from iaif.training.finetune import TrainingSettings
     from iaif.training.lora import LoraSettings, ModelConfig
     from iaif.training.warmup import WarmupConfig, run_warmup
@@ -100,9 +100,10 @@ def main() -> None:
     lora = LoraSettings()
     per_device = 2
     training = TrainingSettings(num_epochs=1, effective_batch_size=2 * per_device, per_device_batch_size=per_device,
-                                max_length=args.tokens, logging_steps=1)
+                                logging_steps=1)
+    text = TextFormat(max_length=args.tokens)
     warm = WarmupConfig(data=DataConfig(path=str(data), max_examples=args.warmup_examples), model=model, lora=lora,
-                        training=training, fraction=1.0, output_dir=str(out / "warmup"))
+                        training=training, text=text, fraction=1.0, output_dir=str(out / "warmup"))
     start = time.perf_counter()
     run_warmup(warm)
     res["warmup_seconds"] = round(time.perf_counter() - start, 1)
@@ -113,7 +114,7 @@ def main() -> None:
     tokens = _tokens(data, str(out / "model"), args.tokens)
     for feature, checkpoint in (("adam", str(ckpt)), ("grad", "")):
         cfg = ExtractConfig(model=model, checkpoint=checkpoint, lora=lora, data=DataConfig(path=str(data)),
-                            max_length=args.tokens, feature=feature, dim=args.dim,  # type: ignore[arg-type]
+                            text=text, feature=feature, dim=args.dim,  # type: ignore[arg-type]
                             output_dir=str(out / f"store-{feature}"))
         start = time.perf_counter()
         run_extract(cfg)
