@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from word_pools import write_word_pool
 
 from iaif.selection.features.extract import ExtractConfig, run_extract
 from iaif.selection.features.store import FeatureStore, StoreMismatchError
@@ -20,18 +20,11 @@ from iaif.selection.select import SelectConfig, run_select
 from iaif.training.data import IGNORE_INDEX, DataConfig, TextFormat
 from iaif.training.lora import LoraSettings, ModelConfig
 
-WORDS = "the a cat dog runs over under blue red green house tree river stone light dark big small one two".split()
 R = 2
 
 
 def _write(path: Path, n: int, seed: int, prefix: str) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as fh:
-        for i in range(n):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15)))
-            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
-            fh.write(json.dumps({"id": f"{prefix}{i}", "question": q, "answer": a}) + "\n")
-    return path
+    return write_word_pool(path, n, seed, (3, 15), (2, 8), prefix)
 
 
 def _cfg(model_dir: Path, data: Path, out: Path, **changes) -> ExtractConfig:

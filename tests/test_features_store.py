@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from word_pools import write_word_pool
 
 from iaif.selection.features.extract import ExtractConfig, run_extract
 from iaif.selection.features.store import FeatureStore, ShardWriter, StoreMismatchError
@@ -24,19 +24,11 @@ from iaif.training.data import DataConfig, TextFormat
 from iaif.training.lora import LoraSettings, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the a cat dog runs over under blue red green house tree river stone light dark big small one two three".split()
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("extract_data") / "pool.jsonl"
-    with open(path, "w", encoding="utf-8") as fh:
-        for i in range(96):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40)))
-            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
-            fh.write(json.dumps({"id": f"ex{i}", "question": q, "answer": a}) + "\n")
-    return path
+    return write_word_pool(tmp_path_factory.mktemp("extract_data") / "pool.jsonl", 96, 0, (3, 40), (1, 12))
 
 
 def make_cfg(model_dir: Path, data_path: Path, out: Path, **changes) -> ExtractConfig:

@@ -5,7 +5,6 @@ run with that size given."""
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_training_finetune import small_config, write_pool
+from word_pools import write_word_pool
 
 import iaif.selection.features.extract as extract_module
 import iaif.training.finetune as finetune_module
@@ -26,7 +26,6 @@ from iaif.training.data import DataConfig, TextFormat, load_examples, tokenize_e
 from iaif.training.finetune import TrainConfig, run_train
 from iaif.training.lora import LoraSettings, ModelConfig, add_lora, load_tokenizer
 
-WORDS = "the a cat dog runs over under blue red green house tree river stone light dark".split()
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate {} bytes."
 
 
@@ -78,14 +77,7 @@ class LimitedFeaturizer(LoraFeaturizer):
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("auto_data") / "pool.jsonl"
-    with open(path, "w", encoding="utf-8") as fh:
-        for i in range(40):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
-            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 10)))
-            fh.write(json.dumps({"id": f"ex{i}", "question": q, "answer": a}) + "\n")
-    return path
+    return write_word_pool(tmp_path_factory.mktemp("auto_data") / "pool.jsonl", 40, 1, (3, 30), (1, 10))
 
 
 def extract_cfg(model_dir: Path, data: Path, out: Path, **changes) -> ExtractConfig:
