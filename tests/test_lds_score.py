@@ -116,3 +116,23 @@ def test_paired_gain_uses_the_same_bootstrap_draws_for_both_estimators():
     assert (gain.low, gain.high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])))
     same = lds_gain(good, good, measured, resamples=100)
     assert (same.spearman, same.low, same.high) == (0.0, 0.0, 0.0)
+
+
+def test_per_task_terms_score_one_task_by_explicit_pair_loops():
+    torch.manual_seed(2)
+    n, m = 10, 5
+    phi, sampled = torch.randn(n, m) + 0.2, torch.randn(n, 4)
+    terms = PoolTerms(phi=phi, phi_cosine=phi / phi.norm(dim=1, keepdim=True), subtasks={"a": [0, 1], "b": [2, 3, 4]},
+                      sampled=sampled, similarity=torch.randn(n), sampled_subtasks={"a": [0, 2], "b": [1, 3]})
+    similarity_b = torch.randn(n)
+    members = torch.tensor([[0, 3, 5], [1, 2, 9]])
+    preds, lams = predicted_effects(terms.for_task("b", similarity_b), members)
+    assert "airrep" not in preds
+    for g, group in enumerate(members.tolist()):
+        first = sum(float(phi[a, 2:].mean()) for a in group)  # s_a of task b: the mean over b's targets only
+        ef = sum(float(phi[a, 2:] @ phi[b, 2:]) / 3 for a in group for b in group) / 2
+        gn = sum(float(sampled[a, [1, 3]] @ sampled[b, [1, 3]]) / 2 for a in group for b in group) / 2
+        assert preds["first-order"][g] == pytest.approx(-first, rel=1e-5)
+        assert preds["interaction-ef-λ"][g] == pytest.approx(-first + lams["ef"] * ef, rel=1e-5)
+        assert preds["interaction-gn-λ"][g] == pytest.approx(-first + lams["gn"] * gn, rel=1e-5)
+        assert preds["rds"][g] == pytest.approx(-float(similarity_b[group].sum()), rel=1e-5)

@@ -29,12 +29,13 @@ import torch
 import tyro
 
 from iaif.common.atomic import write_json, write_text
-from iaif.common.contracts import CheckpointStores, read_subset_rows
+from iaif.common.contracts import CheckpointStores, SubsetRow, read_subset_rows
 from iaif.common.provenance import write_run_info
 from iaif.evaluation.lds.estimators import PoolTerms, predicted_effects
 from iaif.evaluation.lds.score import lds, lds_gain
 from iaif.selection.airrep.stage import embed
-from iaif.selection.airrep.train import AirRepTraining, group_table, split_rows, train_airrep, training_tables
+from iaif.selection.airrep.train import AirRepTraining, GroupTable, group_table, split_rows, train_airrep, training_tables
+from iaif.selection.features.store import sampled_row_example
 from iaif.selection.influence import FeatureGeometry, checkpoint_stores, influence_matrix, open_checkpoints, target_store_paths
 from iaif.selection.select import load_targets
 from iaif.training.data import DataConfig, TextFormat, load_examples
@@ -76,6 +77,9 @@ class LdsConfig:
     """Examples per forward pass of the base model."""
     airrep: AirRepTraining = field(default_factory=AirRepTraining)
     """AirRep's head and optimisation (trained here on the non-held-out subsets of every table)."""
+    per_task: bool = False
+    """Also score every estimator per target task: f = that task's mean loss (the tables' task losses), Φ
+    restricted to that task's targets; AirRep, trained on the whole target, is left out of these rows."""
     holdout_fraction: float = 0.5
     """Share of each table's subsets held out for the LDS (the rest train AirRep)."""
     split_seed: int = 0
@@ -106,12 +110,38 @@ def pool_terms(cfg: LdsConfig, stores: list[CheckpointStores], pool_ids: list[st
     geometry = FeatureGeometry(cfg.normalise, cfg.whiten)
     phi = influence_matrix(ckpts, pool_ids, target_ids, cfg.chunk_rows, cfg.device, geometry).cpu()
     phi_cos = influence_matrix(ckpts, pool_ids, target_ids, cfg.chunk_rows, cfg.device, FeatureGeometry()).cpu()
-    sampled = None
+    sampled, sampled_tasks = None, {}
     if any(p.sampled_targets for p in stores):
         gn = open_checkpoints(stores, sampled=True)
         sampled = influence_matrix(gn, pool_ids, gn[0].target_ids, cfg.chunk_rows, cfg.device, geometry).cpu()
+        task_of = dict(zip(target_ids, target_tasks))
+        sampled_tasks = _task_columns([task_of[sampled_row_example(r)] for r in gn[0].target_ids])
     similarity = (pool_x @ target_x.T).max(dim=1).values
-    return PoolTerms(phi, phi_cos, _task_columns(target_tasks), sampled, similarity)
+    return PoolTerms(phi, phi_cos, _task_columns(target_tasks), sampled, similarity, sampled_subtasks=sampled_tasks)
+
+
+def _score(terms: PoolTerms, held: GroupTable, validation: GroupTable, cfg: LdsConfig) -> dict[str, Any]:
+    """ρ and paired gain of every estimator on the held-out groups, and the predictions."""
+    measured = held.effects.double().numpy()
+    preds, lams = predicted_effects(terms, held.members, validation)
+    scores = {name: asdict(lds(p, measured, cfg.bootstrap, cfg.seed)) for name, p in preds.items()}
+    gains = {name: asdict(lds_gain(p, preds[REFERENCE], measured, cfg.bootstrap, cfg.seed))
+             for name, p in preds.items() if name != REFERENCE}
+    return {"lambda": lams, "lds": scores, "gain": gains, "measured": measured.tolist(),
+            "predicted": {n: p.tolist() for n, p in preds.items()}}
+
+
+def _log(result: dict[str, Any]) -> None:
+    logger.info("%s (size %d, %d held out%s): %s", result["table"], result["size"], len(result["heldout_subsets"]),
+                f", task {result['task']}" if result["task"] else "",
+                ", ".join(f"{n} {s['spearman']:.3f}" for n, s in result["lds"].items()))
+
+
+def _task_effects(table: GroupTable, rows: list[SubsetRow], base: SubsetRow, task: str, where: str) -> GroupTable:
+    if task not in base.task_losses or any(task not in r.task_losses for r in rows):
+        raise ValueError(f"{where}: per_task needs the loss of task {task!r} in every row")
+    effects = torch.tensor([r.task_losses[task] - base.task_losses[task] for r in rows], dtype=torch.float32)
+    return GroupTable(table.members, effects)
 
 
 def run_lds(cfg: LdsConfig) -> Path:
@@ -145,20 +175,18 @@ def run_lds(cfg: LdsConfig) -> Path:
         overlap = {(str(path), r.subset) for r in held} & set(train_keys)
         if overlap:
             raise RuntimeError(f"{path}: AirRep was trained on held-out subsets {sorted(overlap)[:3]}")
-        groups = group_table(held, base, row_of, path)
-        measured = groups.effects.double().numpy()
-        preds, lams = predicted_effects(terms, groups.members, group_table(train, base, row_of, path))
-        scores = {name: asdict(lds(p, measured, cfg.bootstrap, cfg.seed)) for name, p in preds.items()}
-        gains = {name: asdict(lds_gain(p, preds[REFERENCE], measured, cfg.bootstrap, cfg.seed))
-                 for name, p in preds.items() if name != REFERENCE}
-        results.append({
-            "table": str(path), "size": int(groups.members.shape[1]), "pool_size": len(pool),
-            "base_loss": base.target_loss, "train_subsets": [r.subset for r in train],
-            "heldout_subsets": [r.subset for r in held], "lambda": lams, "lds": scores, "gain": gains,
-            "measured": measured.tolist(), "predicted": {n: p.tolist() for n, p in preds.items()},
-        })
-        logger.info("%s (size %d, %d held out): %s", path, groups.members.shape[1], len(held),
-                    ", ".join(f"{n} {s['spearman']:.3f}" for n, s in scores.items()))
+        groups, validation = group_table(held, base, row_of, path), group_table(train, base, row_of, path)
+        head = {"table": str(path), "size": int(groups.members.shape[1]), "pool_size": len(pool),
+                "base_loss": base.target_loss, "train_subsets": [r.subset for r in train],
+                "heldout_subsets": [r.subset for r in held]}
+        results.append({**head, "task": None, **_score(terms, groups, validation, cfg)})
+        _log(results[-1])
+        for task in (sorted(terms.subtasks) if cfg.per_task else []):
+            cols = terms.subtasks[task]
+            task_terms = terms.for_task(task, (pool_x @ target_x[cols].T).max(dim=1).values)
+            results.append({**head, "task": task, **_score(task_terms, _task_effects(groups, held, base, task, path),
+                                                           _task_effects(validation, train, base, task, path), cfg)})
+            _log(results[-1])
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "lds")
     write_text(out / TABLE_FILE, markdown_table(results) + f"\nρ − ρ({REFERENCE}), paired:\n\n" + markdown_table(results, "gain"))
@@ -177,7 +205,7 @@ def markdown_table(results: list[dict[str, Any]], key: str = "lds") -> str:
     """Estimators as rows, one column per table: ρ [low, high] (``key="gain"``: the paired difference to
     the reference estimator)."""
     head = [f"size {r['size']} ({100 * r['size'] / r['pool_size']:.0f} %, {len(r['heldout_subsets'])} held out)"
-            for r in results]
+            + (f", task {r['task']}" if r.get("task") else "") for r in results]
     lines = ["| estimator | " + " | ".join(head) + " |", "|---|" + "---|" * len(results)]
     for name in results[0][key]:
         cells = []
@@ -195,11 +223,13 @@ def scatter(results: list[dict[str, Any]], name: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if name in r["lds"]]
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, r in zip(axes[0], results):
         s = r["lds"][name]
         ax.scatter(np.asarray(r["predicted"][name]), np.asarray(r["measured"]), s=14)
-        ax.set_title(f"size {r['size']}: ρ = {s['spearman']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}]", fontsize=9)
+        label = f"size {r['size']}" + (f" {r['task']}" if r.get("task") else "")
+        ax.set_title(f"{label}: ρ = {s['spearman']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}]", fontsize=9)
         ax.set_xlabel(f"predicted Δ target loss ({name})")
         ax.set_ylabel("measured Δ target loss")
     fig.tight_layout()

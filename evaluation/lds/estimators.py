@@ -24,7 +24,7 @@ The target f is the mean loss over all target examples (one task), the f the sub
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,6 +55,18 @@ class PoolTerms:
     """Each pool example's maximum cosine to the targets in the base model's representation, [N]."""
     airrep: GroupScore | None = None
     """AirRep's pooled group score."""
+    sampled_subtasks: dict[str, list[int]] = field(default_factory=dict)
+    """Target task -> its columns of the sampled-label Φ."""
+
+    def for_task(self, task: str, similarity: torch.Tensor | None) -> PoolTerms:
+        """The pieces for f = the mean loss of one target task: Φ restricted to its columns (so s_a and κ are
+        that task's), ``similarity`` to its targets; AirRep, trained on the whole target, is left out."""
+        cols = self.subtasks[task]
+        sampled = None
+        if self.sampled is not None and task in self.sampled_subtasks:
+            sampled = self.sampled[:, self.sampled_subtasks[task]]
+        return PoolTerms(self.phi[:, cols], self.phi_cosine[:, cols], {task: list(range(len(cols)))}, sampled,
+                         similarity)
 
 
 def _objective(curv: torch.Tensor, scores: torch.Tensor, lam: float) -> GroupScore:
