@@ -176,7 +176,7 @@ def test_adam_features_from_a_warmup_checkpoint(tiny_model_dir: Path, data_file:
     from iaif.selection.features.projection import KroneckerProjector
     from iaif.training.checkpoint import save_checkpoint
     from iaif.training.data import load_examples, tokenize_examples
-    from iaif.training.lora import add_lora, load_base_model, load_tokenizer
+    from iaif.training.lora import add_lora, load_base_model, load_tokenizer, quiet_peft_calls
 
     mcfg = ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32")
     torch.manual_seed(0)
@@ -199,7 +199,8 @@ def test_adam_features_from_a_warmup_checkpoint(tiny_model_dir: Path, data_file:
     eps = state["eps"]
     tok = load_tokenizer(mcfg)
     examples, _ = tokenize_examples(load_examples(cfg.data), tok, "tulu", cfg.text.max_length)
-    peft_model = PeftModel.from_pretrained(load_base_model(mcfg), str(ckpt / "adapter"), is_trainable=True).eval()
+    with quiet_peft_calls():
+        peft_model = PeftModel.from_pretrained(load_base_model(mcfg), str(ckpt / "adapter"), is_trainable=True).eval()
     matrices = find_lora_matrices(peft_model)
     params = dict(peft_model.named_parameters())
     for row, ex in enumerate(examples):
@@ -210,7 +211,7 @@ def test_adam_features_from_a_warmup_checkpoint(tiny_model_dir: Path, data_file:
             s = state["state"][m.name]
             gamma = (b1 * s["exp_avg"] + (1 - b1) * g) / ((b2 * s["exp_avg_sq"] + (1 - b2) * g**2).sqrt() + eps)
             expected += KroneckerProjector(cfg.seed, m.name, *m.shape, cfg.dim).project_weight_grads(gamma[None])[0]
-        torch.testing.assert_close(torch.from_numpy(np.asarray(store.features[row])), expected, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(np.array(store.features[row])), expected, rtol=1e-3, atol=1e-4)
 
 
 def test_temporary_files_left_by_a_killed_extract_are_removed_when_it_resumes(tmp_path: Path):
