@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import resource
 import time
@@ -187,7 +188,7 @@ def main() -> None:
     ap.add_argument("--shortlist", type=int, default=1024)
     ap.add_argument("--naive-steps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--progress", action="store_true", help="show the greedy progress bar")
+    ap.add_argument("--progress", action="store_true", help="show the greedy progress (a bar, or a log line every 30 s)")
     ap.add_argument("--store", help="memory-mapped Φ (.npy): sharded run from it (written when missing)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of a new store")
     ap.add_argument("--write-only", action="store_true", help="only write the store")
@@ -198,6 +199,8 @@ def main() -> None:
     ap.add_argument("--picks", help="store mode: write the picked indices (JSON) here")
     ap.add_argument("--json", help="store mode: write the figures (JSON) here")
     args = ap.parse_args()
+    if args.progress:  # a redirected run reports progress through logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.store:
         store_main(args)
         return
