@@ -153,6 +153,7 @@ class ExactTracker:
         self.perp = (self.sq - (self.z * self.z).sum(dim=1)).clamp_min(0).sqrt()
         self.psi_max = float(self.sq.max().sqrt()) if n else 0.0
         self.short_idx = self.short_psi = self.short_scores = self.short_sq = torch.empty(0)
+        self._drop_outside()
         self.refreshes = 0
         self.refresh_cost = n * (q + 32) // (self.basis.shape[1] + 1)  # a refresh's work, in bounded rows
         self.ties_persist = False  # the last step had more near-best candidates than a refresh could shortlist
@@ -162,6 +163,7 @@ class ExactTracker:
         """Exact gains of the whole pool at the current C; candidates sorted by them; the best
         ``shortlist`` of them tracked exactly, the rest ("outside") bounded."""
         self.refreshes += 1
+        self._drop_outside()  # before the new ones are built: the peak holds one set, not two
         o, n = self.obj, self.obj.scores.shape[0]
         g = torch.empty(n, dtype=torch.float32, device=self.cum.device)
         for sl in _row_chunks(n, self.chunk_rows):
@@ -171,6 +173,7 @@ class ExactTracker:
         g[self.selected] = -math.inf
         free = int((~self.selected).sum())
         g_sorted, order = torch.sort(g, descending=True, stable=True)
+        del g
         m = min(self.m_short, free)
         self._set_shortlist(order[:m])
         # the outside candidates in order of their refresh gain, with their bound terms alongside
@@ -179,13 +182,19 @@ class ExactTracker:
         self.out_z, self.out_perp = self.z[self.out_order], self.perp[self.out_order]
         self.cum_ref = self.cum.clone()
         self.bounded = 0  # rows bounded since this refresh
-        self.outside = torch.zeros(n, dtype=torch.bool, device=g.device)
+        self.outside = torch.zeros(n, dtype=torch.bool, device=order.device)
         self.outside[self.out_order] = True
         has_out = free > m
         r = self.z.shape[1]
-        self.zmin_out = self.out_z.min(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
-        self.zmax_out = self.out_z.max(dim=0).values if has_out and r else torch.zeros(r, device=g.device)
+        self.zmin_out = self.out_z.min(dim=0).values if has_out and r else torch.zeros(r, device=order.device)
+        self.zmax_out = self.out_z.max(dim=0).values if has_out and r else torch.zeros(r, device=order.device)
         self.perp_max_out = float(self.out_perp.max()) if has_out else 0.0
+
+    def _drop_outside(self) -> None:
+        """Release the last refresh's order and bound terms of the outside candidates (≈ 90 bytes a candidate)."""
+        empty = torch.empty(0)
+        self.out_order = self.out_g = self.out_neg_g = self.out_z = self.out_perp = empty
+        self.outside = empty.bool()
 
     def _set_shortlist(self, idx: torch.Tensor, extend: bool = False) -> None:
         """The candidates tracked exactly (``extend``: these join the current ones), with their rows,
