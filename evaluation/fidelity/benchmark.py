@@ -65,7 +65,7 @@ PAIRS: dict[str, PairSpec] = {
     "concrete_mlp": PairSpec("concrete", "mlp", (32,), l2=1e-2, n_target=230),
     "parkinsons_mlp": PairSpec("parkinsons", "mlp", (32,), l2=1e-2, n_train=2000, n_target=1000),
     "digits_mlp": PairSpec("digits", "mlp", (32,), l2=1e-2, n_target=397),
-    "mnist_resnet": PairSpec("mnist", "resnet", (4, 4, 4, 4), "gelu", l2=1e-2, n_train=1000, n_target=1000, downsample=4,
+    "mnist_resnet": PairSpec("mnist", "resnet", (2, 2, 2, 2), "gelu", l2=1e-2, n_train=1000, n_target=1000, downsample=4,
                              curvature="ggn", fit=(("continuation_l2", 1e-3),)),  # from θ₀ at 0.01 it collapses to f = ln 10
     "digits_resnet": PairSpec("digits", "resnet", (4, 8, 8, 8), "gelu", l2=1e-2, n_target=397),
     # offline, scikit-learn's bundled sets only
