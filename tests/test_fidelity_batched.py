@@ -3,18 +3,20 @@ the CNN's curvature products against autograd on a tiny instance."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from iaif.evaluation.fidelity.datasets import Split
-from iaif.evaluation.fidelity.hessian import dense_ggn, exact_curvature, ggn_vp
+from iaif.evaluation.fidelity.hessian import dense_ggn, dense_hessian, ggn_vp
 from iaif.evaluation.fidelity.models import FlatModel, build_model
 from iaif.evaluation.fidelity.objective import Problem, hvp_of
-from iaif.evaluation.fidelity.retrain import FitSettings, RetrainSettings, batched_retrain, fit, polish
+from iaif.evaluation.fidelity.retrain import FitSettings, RetrainSettings, batched_retrain, fit, polish, train_full
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TIGHT = FitSettings(max_iter=5000, tol_grad=1e-10, polish_rounds=20)
+TIGHT = FitSettings(max_iter=5000, tol_grad=1e-10)
 ROUGH = FitSettings(max_iter=100)
 
 
@@ -42,14 +44,17 @@ def _groups(n: int, seed: int) -> list[np.ndarray]:
     return [rng.choice(n, size, replace=False) for size in (1, 3, 6, 12, 20)]
 
 
-def _precondition(problem: Problem, theta: torch.Tensor, kind: str = "hessian"):
-    curv = exact_curvature(problem, theta, 0.0, kind=kind)  # type: ignore[arg-type]
-    return lambda rows: curv.ihvp(rows.T).T
+def _precondition(problem: Problem, theta: torch.Tensor):
+    """Rows ↦ rows of H⁻¹ at a minimum (H positive definite there: checked, no eigenvalue floor)."""
+    evals, evecs = torch.linalg.eigh(dense_hessian(problem.objective, theta))
+    assert float(evals.min()) > 0
+    inverse = evecs @ torch.diag(1.0 / evals) @ evecs.T
+    return lambda rows: rows @ inverse
 
 
 def _toy_problem(model: str) -> Problem:
     if model == "resnet":
-        return Problem(FlatModel(build_model("resnet", (1, 5, 5), 3, (2, 2, 2, 2), "gelu")), _split(60, 10, 0, 3, 4, (1, 5, 5)), 1e-2)
+        return Problem(FlatModel(build_model("resnet", (1, 5, 5), 3, (2, 2, 2, 2), "gelu")), _split(120, 10, 0, 3, 4, (1, 5, 5)), 1e-2)
     return Problem(FlatModel(build_model(model, (4,), 3, (6,), "tanh")), _split(120, 30, 4, 3, seed=0), 5e-2)
 
 
@@ -131,14 +136,42 @@ def test_cnn_ggn_products_equal_explicit_jacobian():
     assert torch.allclose(ggn_vp(problem, theta)(v), explicit @ v, rtol=1e-9, atol=1e-12)
 
 
-def test_polish_takes_a_cnn_from_where_lbfgs_stops_to_the_tolerance():
+def test_polish_takes_a_cnn_from_where_lbfgs_stops_to_a_minimum():
     problem = _toy_problem("resnet")
     rough = fit(problem, problem.model.init_params(0), ROUGH)
     grad = torch.func.grad(problem.objective)
     assert float(grad(rough).abs().max()) > 1e-6  # L-BFGS alone is far from the tolerance here
-    theta = polish(problem, rough, FitSettings(tol_grad=1e-10, polish_rounds=20))
+    theta = polish(problem, rough, FitSettings(tol_grad=1e-10))
     assert float(grad(theta).abs().max()) <= 1e-10
     assert float(problem.objective(theta)) < float(problem.objective(rough))
+    assert float(torch.linalg.eigvalsh(dense_hessian(problem.objective, theta)).min()) > 0  # a minimum, not a saddle
+
+
+def test_polish_leaves_a_saddle_along_negative_curvature():
+    """At a stationary point with an indefinite Hessian (θ = 0 of a tanh MLP without biases' symmetry
+    broken) the trust-region step follows negative curvature to a lower minimum instead of stopping."""
+    problem = _toy_problem("mlp")
+    saddle = torch.zeros(problem.model.num_params, dtype=torch.float64)
+    grad = torch.func.grad(problem.objective)
+    theta = polish(problem, saddle + 1e-6 * problem.model.init_params(0), FitSettings(tol_grad=1e-10))
+    assert float(torch.linalg.eigvalsh(dense_hessian(problem.objective, saddle)).min()) < 0
+    assert float(grad(theta).abs().max()) <= 1e-10
+    assert float(problem.objective(theta)) < float(problem.objective(saddle)) - 1e-3
+    assert float(torch.linalg.eigvalsh(dense_hessian(problem.objective, theta)).min()) > 0
+
+
+def test_continuation_in_l2_reaches_the_direct_fit():
+    """Training at L2 λ₁ then warm-starting λ₂ ends where training at λ₂ directly does, on a convex problem
+    (one optimum; on a non-convex one the continuation may, by design, end in another local minimum)."""
+    problem = replace(_toy_problem("logreg"), l2=3e-2)
+    settings = FitSettings(max_iter=2000, tol_grad=1e-10)
+    direct = train_full(problem, problem.model.init_params(0), settings)
+    continued = train_full(problem, problem.model.init_params(0), replace(settings, continuation_l2=1e-2))
+    stage = train_full(replace(problem, l2=1e-2), problem.model.init_params(0), settings)
+    grad = torch.func.grad(problem.objective)
+    assert float(grad(direct).abs().max()) <= 1e-10 and float(grad(continued).abs().max()) <= 1e-10
+    assert not torch.allclose(stage, direct, atol=1e-3)  # the first stage really is a different optimum
+    assert torch.allclose(continued, direct, atol=1e-7)
 
 
 def test_normalisation_free_cnn_has_a_stationary_point_a_groupnorm_one_cannot():

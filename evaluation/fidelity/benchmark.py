@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ class PairSpec:
     downsample: int = 1
     curvature: CurvatureKind = "hessian"
     """curvature of the training objective: hessian | ggn (damped Gauss-Newton)"""
+    fit: tuple[tuple[str, Any], ...] = ()
+    """``FitSettings`` fields this pair sets over the configuration's ``fit`` (e.g. a continuation in L2)"""
 
     @property
     def convex(self) -> bool:
@@ -62,8 +65,8 @@ PAIRS: dict[str, PairSpec] = {
     "concrete_mlp": PairSpec("concrete", "mlp", (32,), l2=1e-2, n_target=230),
     "parkinsons_mlp": PairSpec("parkinsons", "mlp", (32,), l2=1e-2, n_train=2000, n_target=1000),
     "digits_mlp": PairSpec("digits", "mlp", (32,), l2=1e-2, n_target=397),
-    "mnist_resnet": PairSpec("mnist", "resnet", (4, 4, 4, 4), "gelu", l2=1e-2, n_train=1000, n_target=1000, downsample=4,
-                             curvature="ggn"),
+    "mnist_resnet": PairSpec("mnist", "resnet", (2, 2, 2, 2), "gelu", l2=1e-2, n_train=1000, n_target=1000, downsample=4,
+                             curvature="ggn", fit=(("continuation_l2", 1e-3),)),  # from θ₀ at 0.01 it collapses to f = ln 10
     "digits_resnet": PairSpec("digits", "resnet", (4, 8, 8, 8), "gelu", l2=1e-2, n_target=397),
     # offline, scikit-learn's bundled sets only
     "breast_cancer_logreg": PairSpec("breast_cancer", "logreg", l2=1e-2, n_target=169),
@@ -149,12 +152,13 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     seeds = [cfg.seed] if spec.convex or cfg.quick else [cfg.seed + s for s in range(cfg.nonconvex_seeds)]
     warm = spec.convex or cfg.nonconvex_start == "optimum"
     data_hash = hashlib.sha1(b"".join(t.numpy().tobytes() for t in (split.x_train, split.y_train, split.x_target, split.y_target)))
-    key = [asdict(spec), data_hash.hexdigest(), cfg.seed, asdict(cfg.fit), asdict(cfg.retrain), warm,
+    fit_settings = replace(cfg.fit, **dict(spec.fit))
+    key = [asdict(spec), data_hash.hexdigest(), cfg.seed, asdict(fit_settings), asdict(cfg.retrain), warm,
            cfg.ihvp, cfg.damping, cfg.exact_max_params, cfg.cg_tol, cfg.cg_maxiter, torch.__version__]
     fingerprint = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     caches = [RetrainCache(cache_root / name, fingerprint, s) for s in seeds]
     inits = [model.init_params(s) for s in seeds]
-    thetas = [c.full_model(problem, th0, cfg.fit) for c, th0 in zip(caches, inits)]
+    thetas = [c.full_model(problem, th0, fit_settings) for c, th0 in zip(caches, inits)]
     timings["train_full_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -4,9 +4,9 @@ Ground truth for a group S: Δf(S) = f(θ_{-S}) − f(θ*), where θ_{-S} minimi
 terms, 1 elsewhere; the L2 term is never removed), in float64.
 
 * Full training: full-batch L-BFGS (strong-Wolfe line search), ``fit``; for θ* then, while max |∇L|
-  is above the tolerance, ``polish``: rounds of the batched solver below (one row, all weights 1)
-  preconditioned by the damped Gauss-Newton matrix G(θ) rebuilt at the start of every round — a
-  Gauss-Newton-type method whose L-BFGS memory supplies the curvature G misses.
+  is above the tolerance, ``polish``: trust-region Newton steps on the exact Hessian (Steihaug's
+  conjugate gradient on Hessian-vector products, preconditioned by the damped Gauss-Newton matrix
+  G(θ), trust region in G's norm), which handles the indefinite Hessians of non-convex models.
 * Leave-group-out retraining, ``batched_retrain``: all groups of a batch at once, one model per
   group, as one vmapped computation (``torch.func.vmap`` over per-group weight vectors and
   parameter rows). Each group runs preconditioned L-BFGS warm-started from θ*: the two-loop
@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +37,8 @@ from torch.func import grad_and_value, vmap
 
 from iaif.common.atomic import write_json
 from iaif.common.progress import progress
-from iaif.evaluation.fidelity.hessian import exact_curvature, row_preconditioner
-from iaif.evaluation.fidelity.objective import Problem
+from iaif.evaluation.fidelity.hessian import dense_ggn
+from iaif.evaluation.fidelity.objective import Problem, hvp_of
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,14 @@ class FitSettings:
     """stop when the largest gradient entry falls below this"""
     history: int = 50
     """L-BFGS memory"""
-    polish_rounds: int = 20
-    """θ* only: Gauss-Newton-preconditioned rounds after L-BFGS while max |grad| > tol_grad (0 = off)"""
-    polish_iter: int = 30
-    """iterations per polish round (G is rebuilt at θ between rounds)"""
+    polish_steps: int = 100
+    """θ* only: trust-region Newton steps after L-BFGS while max |grad| > tol_grad (0 = off)"""
+    polish_cg: int = 200
+    """conjugate-gradient iterations (Hessian-vector products) per Newton step"""
+    continuation_l2: float = 0.0
+    """θ* only: train first at this L2 weight from θ₀ and start the fit at the problem's L2 from that
+    solution (0 or equal to the problem's L2 = off); for a model that collapses to the trivial optimum
+    when trained at a strong L2 from θ₀"""
 
 
 @dataclass(frozen=True)
@@ -98,19 +102,96 @@ def fit(problem: Problem, theta0: torch.Tensor, settings: FitSettings, weights: 
     return theta.detach()
 
 
-def polish(problem: Problem, theta: torch.Tensor, settings: FitSettings, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Continue minimising L_w from θ by GGN-preconditioned L-BFGS rounds until max |∇L_w| ≤ tol_grad."""
-    rows = (torch.ones(problem.n, dtype=theta.dtype) if weights is None else weights)[None]
-    solver = RetrainSettings(tol_grad=settings.tol_grad, max_iter=settings.polish_iter, history=settings.history)
-    gmax = float("inf")
-    for _ in range(settings.polish_rounds):
-        curvature = exact_curvature(problem, theta, 0.0, kind="ggn")
-        out = batched_retrain(problem, theta, rows, row_preconditioner(curvature), solver)
-        theta, gmax = out.theta[0], float(out.grad_max[0])
-        if out.converged[0]:
-            return theta
-    logger.warning("polish stopped with max |grad| %.2e (tolerance %.1e); raise fit.polish_rounds", gmax, settings.tol_grad)
+def train_full(problem: Problem, theta0: torch.Tensor, settings: FitSettings) -> torch.Tensor:
+    """θ*: ``fit`` from θ₀, then ``polish`` while max |∇L| > tol_grad; with ``continuation_l2`` set, θ₀
+    is first replaced by the θ* of the same problem at that L2 weight (a continuation in λ)."""
+    if settings.continuation_l2 and settings.continuation_l2 != problem.l2:
+        theta0 = train_full(replace(problem, l2=settings.continuation_l2), theta0, replace(settings, continuation_l2=0.0))
+    theta = fit(problem, theta0, settings)
+    if settings.polish_steps and float(torch.func.grad(problem.objective)(theta).abs().max()) > settings.tol_grad:
+        theta = polish(problem, theta, settings)
     return theta
+
+
+def polish(problem: Problem, theta: torch.Tensor, settings: FitSettings, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Continue minimising L_w from θ by trust-region Newton steps until max |∇L_w| ≤ tol_grad.
+
+    Each step solves the Newton system of the exact Hessian (Hessian-vector products) by Steihaug's
+    truncated conjugate gradient, preconditioned by the dense damped Gauss-Newton matrix G(θ) and with
+    the trust region ‖s‖_G ≤ Δ in its norm: CG stops at the boundary or along negative curvature, so
+    an indefinite Hessian (non-convex models) is handled; near a minimum the steps are Newton's."""
+    def objective(t: torch.Tensor) -> torch.Tensor:
+        return problem.objective(t, weights)
+
+    value_grad = grad_and_value(objective)
+    g, f = value_grad(theta)
+    radius = 0.0  # set at the first step: the G-norm of the Gauss-Newton step
+    for _ in range(settings.polish_steps):
+        if float(g.abs().max()) <= settings.tol_grad:
+            return theta
+        metric = dense_ggn(problem, theta)
+        factor = torch.linalg.cholesky(metric)
+        if radius == 0.0:
+            radius = float(g @ torch.cholesky_solve(g[:, None], factor)[:, 0]) ** 0.5
+        hvp = hvp_of(objective, theta)
+        while True:
+            step, model_drop, on_boundary = _steihaug(g, hvp, metric, factor, radius, settings.polish_cg)
+            g_new, f_new = value_grad(theta + step)
+            actual = float(f - f_new)
+            slack = 1e-14 * max(abs(float(f)), 1.0)  # round-off of L: a step predicted to change L by less is kept
+            ratio = (actual + slack) / (model_drop + slack)
+            length = float(step @ metric @ step) ** 0.5
+            if ratio < 0.25:
+                radius = 0.25 * length
+            elif ratio > 0.75 and on_boundary:
+                radius = 2.0 * length
+            if ratio > 0.1:
+                break
+            logger.debug("polish: step rejected (drop %.3g predicted %.3g, max |grad| %.2e -> %.2e), radius %.2e",
+                         actual, model_drop, float(g.abs().max()), float(g_new.abs().max()), radius)
+            if radius < 1e-14:
+                logger.warning("polish: trust region collapsed at max |grad| %.2e", float(g.abs().max()))
+                return theta
+        theta, g, f = theta + step, g_new, f_new
+        logger.debug("polish: L %.12g, max |grad| %.2e, ratio %.2f, radius %.2e", float(f), float(g.abs().max()), ratio, radius)
+    gmax = float(g.abs().max())
+    if gmax > settings.tol_grad:
+        logger.warning("polish stopped with max |grad| %.2e (tolerance %.1e); raise fit.polish_steps", gmax, settings.tol_grad)
+    return theta
+
+
+def _steihaug(g: torch.Tensor, hvp: Callable[[torch.Tensor], torch.Tensor], metric: torch.Tensor, factor: torch.Tensor,
+              radius: float, max_iter: int) -> tuple[torch.Tensor, float, bool]:
+    """Approximate argmin of gᵀs + ½sᵀHs over ‖s‖_M ≤ radius (M = factor factorᵀ, also the preconditioner).
+
+    Returns the step, the model decrease −(gᵀs + ½sᵀHs) and whether the step ends on the boundary."""
+    def boundary(z: torch.Tensor, d: torch.Tensor) -> float:  # τ ≥ 0 with ‖z + τd‖_M = radius
+        md = metric @ d
+        a, b, c = float(d @ md), float(z @ md), float(z @ metric @ z) - radius**2
+        return (-b + (b * b - a * c) ** 0.5) / a
+
+    def drop(s: torch.Tensor, hs: torch.Tensor) -> float:
+        return -float(g @ s + 0.5 * s @ hs)
+
+    z, hz, r = torch.zeros_like(g), torch.zeros_like(g), g.clone()
+    y = torch.cholesky_solve(r[:, None], factor)[:, 0]
+    d, ry = -y, float(r @ y)
+    tol = min(0.5, float(g.norm()) ** 0.5) * float(g.norm())  # inexact Newton: superlinear near the minimum
+    for _ in range(max_iter):
+        hd = hvp(d)
+        curvature = float(d @ hd)
+        alpha = ry / curvature if curvature > 0 else float("inf")
+        z_next = z + alpha * d if curvature > 0 else z
+        if curvature <= 0 or float(z_next @ metric @ z_next) >= radius**2:
+            tau = boundary(z, d)
+            return z + tau * d, drop(z + tau * d, hz + tau * hd), True
+        z, hz, r = z_next, hz + alpha * hd, r + alpha * hd
+        if float(r.norm()) <= tol:
+            break
+        y = torch.cholesky_solve(r[:, None], factor)[:, 0]
+        ry_next = float(r @ y)
+        d, ry = -y + (ry_next / ry) * d, ry_next
+    return z, drop(z, hz), False
 
 
 @dataclass
@@ -204,12 +285,10 @@ class RetrainCache:
         write_json(self.path, self.values)
 
     def full_model(self, problem: Problem, theta0: torch.Tensor, settings: FitSettings) -> torch.Tensor:
-        """θ* from the cache, else trained from θ₀ and stored."""
+        """θ* from the cache, else trained from θ₀ (``train_full``) and stored."""
         if self.theta_path.is_file():
             return torch.load(self.theta_path, weights_only=True)
-        theta = fit(problem, theta0, settings)
-        if settings.polish_rounds and float(torch.func.grad(problem.objective)(theta).abs().max()) > settings.tol_grad:
-            theta = polish(problem, theta, settings)
+        theta = train_full(problem, theta0, settings)
         torch.save(theta, self.theta_path)
         return theta
 
