@@ -14,6 +14,7 @@ from iaif.selection.features.per_example_grads import LoraGradientHooks, backwar
 from iaif.selection.features.projection import KroneckerProjector, factor_dims, rademacher_block
 from iaif.training.collate import PaddingCollator
 from iaif.training.data import IGNORE_INDEX
+from iaif.training.lora import quiet_peft_calls
 
 
 def tiny_lora_model(seed: int = 0, r: int = 4):
@@ -27,7 +28,8 @@ def tiny_lora_model(seed: int = 0, r: int = 4):
     base = LlamaForCausalLM(config)
     lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       init_lora_weights=False)
-    return get_peft_model(base, lora).eval()
+    with quiet_peft_calls():
+        return get_peft_model(base, lora).eval()
 
 
 def random_examples(lengths: list[int], seed: int = 1) -> list[dict[str, list[int]]]:
