@@ -20,7 +20,6 @@ from iaif.common.contracts import CheckpointStores
 from iaif.common.provenance import write_run_info
 from iaif.selection.curvature import Curvature, FeatureSource, influence_terms
 from iaif.selection.estimators import pairwise_kappa, quadratic_part
-from iaif.selection.influence import checkpoint_stores, open_checkpoints, target_store_paths
 from iaif.selection.select import load_targets, selected_ids
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def attribute_group(scores: torch.Tensor, curv: torch.Tensor, ids: list[str], sc
 
 def run_attribute(cfg: AttributeConfig) -> Path:
     """Attribute the group of ``cfg.group``; print the report and write ``attribution.json``."""
-    from iaif.selection.checks import check_settings, check_stores
+    from iaif.selection.checks import check_settings, open_checked_stores
 
     if not cfg.group:
         raise ValueError("group: give the group file (pool ids, one per line, or JSONL records with 'id')")
@@ -92,9 +91,7 @@ def run_attribute(cfg: AttributeConfig) -> Path:
     if len(set(ids)) != len(ids):
         raise ValueError(f"{cfg.group}: ids repeat in the group")
     targets = load_targets(cfg.targets)
-    stores = checkpoint_stores(cfg)
-    ckpts = open_checkpoints(stores)
-    check_stores(target_store_paths(stores), targets)
+    stores, ckpts = open_checked_stores(cfg, targets)
     src = FeatureSource(ckpts, stores, cfg.chunk_rows, cfg.device)
     terms = influence_terms(cfg.curvature, src, ids, [t.id for t in targets], [WHOLE] * len(targets))
     report = attribute_group(terms.scores[WHOLE], terms.curv, ids, terms.scale, cfg.top_pairs)

@@ -14,8 +14,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from iaif.common.contracts import CheckpointStores
 from iaif.common.device import check_device
 from iaif.selection.features.fingerprint import EXCLUDED_FILE, check_stores, excluded_ids, store_example_ids
+from iaif.selection.influence import CheckpointFeatures, StoreSettings, checkpoint_stores, open_checkpoints, target_store_paths
 from iaif.training.data import Example
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,17 @@ def check_settings(cfg: Any) -> None:
         raise ValueError(f"shortlist (--shortlist): must be ≥ 1 (candidates tracked exactly between full passes), got {cfg.shortlist}")
     if getattr(cfg, "top_pairs", 0) < 0:
         raise ValueError(f"top_pairs (--top-pairs): must be ≥ 0, got {cfg.top_pairs}")
+
+
+def open_checked_stores(cfg: StoreSettings, targets: Sequence[Example]
+                        ) -> tuple[list[CheckpointStores], list[CheckpointFeatures]]:
+    """The feature stores of each checkpoint (``checkpoint_stores``), opened and checked against each
+    other (``open_checkpoints``), then every target store against the target examples (select,
+    attribute and lds)."""
+    stores = checkpoint_stores(cfg)
+    ckpts = open_checkpoints(stores)
+    check_stores(target_store_paths(stores), targets)
+    return stores, ckpts
 
 
 def _renamed(ex: Example) -> bool:

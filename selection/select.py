@@ -39,11 +39,8 @@ from iaif.selection.curvature import Curvature, FeatureSource, influence_terms
 from iaif.selection.influence import (
     CheckpointFeatures,
     FeatureGeometry,
-    checkpoint_stores,
     group_columns,
     influence_matrix,
-    open_checkpoints,
-    target_store_paths,
 )
 from iaif.selection.objective import Combine, LamBudget, TaskTerms, build_objectives
 from iaif.training.data import DataConfig, Example, TextFormat, load_examples
@@ -294,12 +291,10 @@ Selector = Callable[[SelectConfig, list[Example]], tuple[list[Example], Selectio
 
 def _select_features(cfg: SelectConfig, pool: list[Example]) -> tuple[list[Example], Selection, dict[str, Any]]:
     """interaction, first-order, less: selection on the gradient feature stores."""
-    from iaif.selection.checks import check_stores, pool_candidates
+    from iaif.selection.checks import open_checked_stores, pool_candidates
 
     targets = load_targets(cfg.targets)
-    stores = checkpoint_stores(cfg)
-    ckpts = open_checkpoints(stores)
-    check_stores(target_store_paths(stores), targets)
+    stores, ckpts = open_checked_stores(cfg, targets)
     candidates, extra = pool_candidates(pool, [p.pool for p in stores], cfg.allow_missing_features)
     k = resolve_k(cfg.k, cfg.fraction, len(candidates))
     return candidates, _feature_select(cfg, k, _source(cfg, stores, ckpts), [e.id for e in candidates], targets), extra

@@ -36,7 +36,7 @@ from iaif.evaluation.lds.score import lds, lds_gain
 from iaif.selection.airrep.stage import embed
 from iaif.selection.airrep.train import AirRepTraining, GroupTable, group_table, split_rows, train_airrep, training_tables
 from iaif.selection.features.store import sampled_row_example
-from iaif.selection.influence import FeatureGeometry, checkpoint_stores, influence_matrix, open_checkpoints, target_store_paths
+from iaif.selection.influence import CheckpointFeatures, FeatureGeometry, influence_matrix, open_checkpoints
 from iaif.selection.select import load_targets
 from iaif.training.data import DataConfig, TextFormat, load_examples
 
@@ -103,10 +103,9 @@ def _task_columns(tasks: list[str]) -> dict[str, list[int]]:
     return cols
 
 
-def pool_terms(cfg: LdsConfig, stores: list[CheckpointStores], pool_ids: list[str], pool_x: torch.Tensor,
+def pool_terms(cfg: LdsConfig, stores: list[CheckpointStores], ckpts: list[CheckpointFeatures], pool_ids: list[str], pool_x: torch.Tensor,
                target_x: torch.Tensor, target_ids: list[str], target_tasks: list[str]) -> PoolTerms:
     """Φ (selector geometry and cosine), the optional sampled-label Φ and the representation similarity."""
-    ckpts = open_checkpoints(stores)
     geometry = FeatureGeometry(cfg.normalise, cfg.whiten)
     phi = influence_matrix(ckpts, pool_ids, target_ids, cfg.chunk_rows, cfg.device, geometry).cpu()
     phi_cos = influence_matrix(ckpts, pool_ids, target_ids, cfg.chunk_rows, cfg.device, FeatureGeometry()).cpu()
@@ -146,7 +145,7 @@ def _task_effects(table: GroupTable, rows: list[SubsetRow], base: SubsetRow, tas
 
 def run_lds(cfg: LdsConfig) -> Path:
     """Score every estimator on the held-out subsets of every table (module docstring)."""
-    from iaif.selection.checks import check_stores, pool_candidates
+    from iaif.selection.checks import open_checked_stores, pool_candidates
 
     if not cfg.tables:
         raise ValueError("tables: give at least one subsets.jsonl of iaif subsets")
@@ -155,13 +154,12 @@ def run_lds(cfg: LdsConfig) -> Path:
     start = time.perf_counter()
     pool = load_examples(DataConfig(path=cfg.pool))
     targets = load_targets(cfg.targets)
-    stores = checkpoint_stores(cfg)
-    check_stores(target_store_paths(stores), targets)
+    stores, ckpts = open_checked_stores(cfg, targets)
     pool_candidates(pool, [p.pool for p in stores], allow_missing=False)
     pool_ids = [e.id for e in pool]
     pool_x = embed(pool, cfg.model, cfg.text.template, cfg.text.max_length, cfg.batch_size, cfg.device)
     target_x = embed(targets, cfg.model, cfg.text.template, cfg.text.max_length, cfg.batch_size, cfg.device)
-    terms = pool_terms(cfg, stores, pool_ids, pool_x, target_x, [t.id for t in targets], [t.task for t in targets])
+    terms = pool_terms(cfg, stores, ckpts, pool_ids, pool_x, target_x, [t.id for t in targets], [t.task for t in targets])
     timing = {"features_seconds": round(time.perf_counter() - start, 2)}
     start = time.perf_counter()
     train_tables, train_keys = training_tables(cfg.tables, pool_ids, cfg.holdout_fraction, cfg.split_seed)
