@@ -37,6 +37,7 @@ import functools
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -326,7 +327,13 @@ def run_child(ctx: Any, job: str, dtype: str, args: argparse.Namespace) -> dict[
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(job, dtype, args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies (an import error, out of memory) must not leave us waiting forever
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{job} ({dtype}): the measuring process exited with code {proc.exitcode}") from None
     proc.join()
     return result
 
