@@ -4,6 +4,8 @@
 #
 #   scripts/gpu_check.sh [RESULTS.json]          # default: $OUT/gpu_check.json (./gpu_check.json without $OUT)
 #   scripts/gpu_check.sh --tiny [RESULTS.json]   # CPU dry run, tiny sizes: the same steps (tests/test_gpu_check.py)
+#   PYTHON=/opt/torch/.venv/bin/python3 scripts/gpu_check.sh   # the interpreter that holds torch, iaif and bitsandbytes
+#                                                              # (default: `python`); docs/BENCHMARKS.md, "One-shot GPU check"
 #
 # Steps, each under `timeout` and never stopping the others (a step's entry holds its exit status,
 # seconds, its figures and, when it failed, the end of its log):
@@ -16,6 +18,7 @@
 # The steps share one deadline (470 s after the start); a step left with too little time is skipped.
 # The dry run allows 5x the time of each step and of the deadline (a shared CPU is slow at anything).
 set -euo pipefail
+py="${PYTHON:-python}"
 cd "$(dirname "$0")/.."
 
 tiny=0
@@ -49,7 +52,7 @@ step() {
 }
 
 skip() {  # skip NAME REASON
-    python -c 'import json, sys; print(json.dumps({"rc": None, "skipped": sys.argv[1]}))' "$2" > "$parts/$1.status.json"
+    "$py" -c 'import json, sys; print(json.dumps({"rc": None, "skipped": sys.argv[1]}))' "$2" > "$parts/$1.status.json"
     echo "[gpu_check] $1: skipped ($2)" >&2
 }
 
@@ -63,41 +66,41 @@ else
     --layers 2 --examples 64 --tokens 512); threads=(--threads 4)
 fi
 
-python -c 'import torch, json, sys, os; print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+"$py" -c 'import torch, json, sys, os; print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "tiny": sys.argv[1] == "1",
-    "cpus": os.cpu_count()}))' "$tiny" > "$parts/environment.json"
+    "cpus": os.cpu_count(), "python": sys.executable}))' "$tiny" > "$parts/environment.json"
 
-step extract 150 python scripts/bench_extract.py "${model[@]}" --device "$device" --dtype bf16 "${len[@]}" \
+step extract 150 "$py" scripts/bench_extract.py "${model[@]}" --device "$device" --dtype bf16 "${len[@]}" \
     "${extract_sizes[@]}" "${threads[@]}" --rounds 1 --methods extract-grad,extract-adam,fwd+bwd,less \
     --json "$parts/extract.json"
-step cosine 70 python scripts/bench_extract.py "${model[@]}" --device "$device" --dtype bf16 "${len[@]}" \
+step cosine 70 "$py" scripts/bench_extract.py "${model[@]}" --device "$device" --dtype bf16 "${len[@]}" \
     --examples 2 "${threads[@]}" --rounds 1 --methods extract-grad --check 2 --json "$parts/cosine.json"
-step greedy_store 30 python scripts/bench_greedy.py --n "$n" --k "$k" --store "$work/phi.npy" --write-only
+step greedy_store 30 "$py" scripts/bench_greedy.py --n "$n" --k "$k" --store "$work/phi.npy" --write-only
 for kind in exact stochastic; do
-    step "greedy_$kind" "$([[ $kind == exact ]] && echo 90 || echo 50)" python scripts/bench_greedy.py --n "$n" --k "$k" --store "$work/phi.npy" --kind "$kind" \
+    step "greedy_$kind" "$([[ $kind == exact ]] && echo 90 || echo 50)" "$py" scripts/bench_greedy.py --n "$n" --k "$k" --store "$work/phi.npy" --kind "$kind" \
         --device "$device" --json "$parts/greedy_$kind.json"
 done
 rm -f "$work/phi.npy"
-step qlora 70 python scripts/check_qlora.py "${qlora[@]}" --device "$device" --out "$work/qlora" \
+step qlora 70 "$py" scripts/check_qlora.py "${qlora[@]}" --device "$device" --out "$work/qlora" \
     --json "$parts/qlora.json"
-if python -c "import vllm" > /dev/null 2>&1; then
+if "$py" -c "import vllm" > /dev/null 2>&1; then
     vllm_run() {
         set -e
-        iaif make-demo-data --output_dir "$work/demo"
-        python scripts/check_qlora.py --preset tiny --precision bf16 --device "$device" --examples 4 --tokens 128 \
+        "$py" -m iaif make-demo-data --output_dir "$work/demo"
+        "$py" scripts/check_qlora.py --preset tiny --precision bf16 --device "$device" --examples 4 --tokens 128 \
             --dim 64 --out "$work/vllm_base"
-        iaif eval --model "$work/vllm_base/model" --adapter "$work/vllm_base/warmup/checkpoint-epoch1/adapter" \
+        "$py" -m iaif eval --model "$work/vllm_base/model" --adapter "$work/vllm_base/warmup/checkpoint-epoch1/adapter" \
             --backend vllm --demo_targets "$work/demo/targets" --limit 8 --output_dir "$work/eval_vllm"
         cp "$work/eval_vllm/scores.json" "$parts/vllm.json"
     }
     export -f vllm_run
-    export work device parts
+    export work device parts py
     step vllm 120 bash -c vllm_run
 else
     skip vllm "vllm is not installed"
 fi
 
-python - "$parts" "$results" <<'EOF'
+"$py" - "$parts" "$results" <<'EOF'
 import json, sys
 from pathlib import Path
 
