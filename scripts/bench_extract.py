@@ -39,6 +39,7 @@ import multiprocessing as mp
 import os
 import queue as queue_module
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -312,14 +313,22 @@ def check_features(args: argparse.Namespace) -> dict[str, float]:
     for p in model.parameters():  # same weights, base cast to bf16; LoRA stays fp32 as peft keeps it
         if id(p) not in lora:
             p.data = p.data.to(torch.bfloat16)
-    for feature in ("grad", "adam"):
-        bf16 = LoraFeaturizer(model, feature, "factorised", args.dim, seed=0, adam=adam)(batch)
-        cos = torch.nn.functional.cosine_similarity(bf16.float(), fp32[feature], dim=1)
-        out[f"{feature}_cos_bf16_min"], out[f"{feature}_cos_bf16_mean"] = float(cos.min()), float(cos.mean())
+    # The same one-at-a-time autograd reference, now in bf16: it tells the featurizer's own error in bf16
+    # (featurizer vs reference, both bf16) from the model's bf16 arithmetic (reference bf16 vs fp32).
+    ref_bf16 = dict(zip(("grad", "adam"), reference_features(model, examples, args.dim, adam)))
+    for feature, ref in (("grad", ref_grad), ("adam", ref_adam)):
+        bf16 = LoraFeaturizer(model, feature, "factorised", args.dim, seed=0, adam=adam)(batch).float()
+        for name, a, b in (("bf16", bf16, fp32[feature]), ("bf16_autograd", ref_bf16[feature], ref),
+                           ("bf16_vs_autograd_bf16", bf16, ref_bf16[feature])):
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+            out[f"{feature}_cos_{name}_min"], out[f"{feature}_cos_{name}_mean"] = float(cos.min()), float(cos.mean())
     return out
 
 
 def _child(job: str, dtype: str, args: argparse.Namespace, queue: Any) -> None:
+    from iaif.training.lora import hide_bitsandbytes
+
+    hide_bitsandbytes()  # as the iaif command does: no 4-bit model here, and no import-time warning from it
     queue.put(check_features(args) if job == "check" else measure(job, dtype, args))
 
 
@@ -375,10 +384,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.preset} layers={args.layers or 'all'}, {args.device}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {d: {} for d in dtypes}
+    failed: dict[str, str] = {}  # "<dtype> <method>": why; a method that fails (out of memory) leaves the others measured
     for round_ in range(args.rounds):  # methods interleaved, best round kept: robust to a shared machine's load
         for dtype in dtypes:
             for method in methods:
-                r = run_child(ctx, method, dtype, args)
+                if f"{dtype} {method}" in failed:
+                    continue
+                try:
+                    r = run_child(ctx, method, dtype, args)
+                except RuntimeError as error:
+                    failed[f"{dtype} {method}"] = str(error)
+                    print(f"round {round_ + 1} {dtype} {method:18s} FAILED: {error}", flush=True)
+                    continue
                 print(f"round {round_ + 1} {dtype} {method:18s} {r['tokens'] / r['seconds']:8.1f} tokens/s "
                       f"(load {os.getloadavg()[0]:.2f})", flush=True)
                 if method not in results[dtype] or r["seconds"] < results[dtype][method]["seconds"]:
@@ -397,7 +414,10 @@ def main() -> None:
     for key, value in check.items():
         print(f"check ({args.check} examples): {key} = {value:.3g}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "check": check}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "check": check,
+                                               "failed": failed}, indent=2))
+    if failed:
+        sys.exit(f"failed: {'; '.join(failed.values())}")
 
 
 if __name__ == "__main__":

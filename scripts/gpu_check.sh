@@ -62,7 +62,7 @@ if (( tiny )); then
     --tokens 96 --dim 64 --warmup-examples 4); threads=(--threads 1)
 else
     device=cuda; model=(--preset llama-3.1-8b); len=(--min-len 512 --max-len 512); n=2700000; k=135000
-    extract_sizes=(--examples 64 --less-examples 16 --token-budget 16384); qlora=(--preset llama-3.1-8b --precision 4bit
+    extract_sizes=(--examples 64 --less-examples 16 --token-budget 8192); qlora=(--preset llama-3.1-8b --precision 4bit
     --layers 2 --examples 64 --tokens 512); threads=(--threads 4)
 fi
 
@@ -77,7 +77,7 @@ step cosine 70 "$py" scripts/bench_extract.py "${model[@]}" --device "$device" -
     --examples 2 "${threads[@]}" --rounds 1 --methods extract-grad --check 2 --json "$parts/cosine.json"
 step greedy_store 30 "$py" scripts/bench_greedy.py --n "$n" --k "$k" --store "$work/phi.npy" --write-only
 for kind in exact stochastic; do
-    step "greedy_$kind" "$([[ $kind == exact ]] && echo 90 || echo 50)" "$py" scripts/bench_greedy.py --n "$n" --k "$k" --store "$work/phi.npy" --kind "$kind" \
+    step "greedy_$kind" "$([[ $kind == exact ]] && echo 150 || echo 50)" "$py" scripts/bench_greedy.py --n "$n" --k "$k" --store "$work/phi.npy" --kind "$kind" \
         --device "$device" --json "$parts/greedy_$kind.json"
 done
 rm -f "$work/phi.npy"
