@@ -129,7 +129,7 @@ def polish(problem: Problem, theta: torch.Tensor, settings: FitSettings, weights
     for _ in range(settings.polish_steps):
         if float(g.abs().max()) <= settings.tol_grad:
             return theta
-        metric = dense_ggn(problem, theta, sum_dtype=torch.float32)  # a metric and preconditioner: float32 sums will do
+        metric = dense_ggn(problem, theta)
         factor = torch.linalg.cholesky(metric)
         if radius == 0.0:
             radius = float(g @ torch.cholesky_solve(g[:, None], factor)[:, 0]) ** 0.5
