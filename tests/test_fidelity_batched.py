@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from iaif.evaluation.fidelity.datasets import Split
-from iaif.evaluation.fidelity.hessian import dense_ggn, dense_hessian, ggn_vp
+from iaif.evaluation.fidelity.hessian import dense_ggn, dense_hessian, exact_curvature, ggn_vp, retraining_curvature, row_preconditioner
 from iaif.evaluation.fidelity.models import FlatModel, build_model
 from iaif.evaluation.fidelity.objective import Problem, hvp_of
-from iaif.evaluation.fidelity.retrain import FitSettings, RetrainSettings, batched_retrain, fit, polish, train_full
+from iaif.evaluation.fidelity.retrain import FitSettings, RetrainSettings, batched_retrain, finish_unconverged, fit, polish, train_full
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TIGHT = FitSettings(max_iter=5000, tol_grad=1e-10)
 ROUGH = FitSettings(max_iter=100)
+NEWTON = dict(tol_grad=1e-10, steps=100, cg_iters=200)  # polish to the tight tolerance
 
 
 def _split(n: int, m: int, d: int, classes: int, seed: int, image: tuple[int, int, int] | None = None) -> Split:
@@ -62,7 +63,7 @@ def _toy_problem(model: str) -> Problem:
 def test_batched_retraining_equals_one_at_a_time(model):
     problem = _toy_problem(model)
     start = fit(problem, problem.model.init_params(0), ROUGH if model == "resnet" else TIGHT)
-    theta = polish(problem, start, TIGHT)
+    theta = polish(problem, start, **NEWTON)
     groups = _groups(problem.n, 1)
     settings = RetrainSettings(tol_grad=1e-10, max_iter=1000)
     out = batched_retrain(problem, theta, _weights(problem.n, groups), _precondition(problem, theta), settings)
@@ -71,7 +72,7 @@ def test_batched_retraining_equals_one_at_a_time(model):
         single = batched_retrain(problem, theta, w[None], _precondition(problem, theta), settings)
         assert torch.allclose(out.theta[row], single.theta[0], atol=1e-9), row  # batching changes nothing
         alone = fit(problem, theta, TIGHT, w)  # one group at a time, torch's L-BFGS (stalls near 1e-8) ...
-        alone = polish(problem, alone, TIGHT, w)  # ... then polished from there with the curvature there
+        alone = polish(problem, alone, **NEWTON, weights=w)  # ... then polished from there with the curvature there
         assert torch.allclose(out.theta[row], alone, atol=1e-8), row
         assert float(problem.target(out.theta[row])) == pytest.approx(float(problem.target(alone)), abs=1e-8)
 
@@ -109,6 +110,40 @@ def test_not_converged_groups_are_flagged():
     assert (out.grad_max[~out.converged] > 1e-10).all()
 
 
+def test_newton_finish_takes_stalled_groups_to_the_one_at_a_time_optimum():
+    """L-BFGS stopped after 3 iterations leaves every group far above the tolerance; the Newton finish
+    (fixed metric: the exact Hessian at θ*) then reaches the same optimum as retraining alone."""
+    problem = _toy_problem("resnet")
+    theta = polish(problem, fit(problem, problem.model.init_params(0), ROUGH), **NEWTON)
+    curvature = retraining_curvature(problem, theta, exact_curvature(problem, theta, 0.0, kind="ggn"), 0.0, exact_max_params=4000)
+    assert curvature.method == "exact hessian"  # the retraining starts from the true curvature, not the GGN
+    weights = _weights(problem.n, _groups(problem.n, 1))
+    settings = RetrainSettings(tol_grad=1e-10, max_iter=3, finish_steps=50)
+    stalled = batched_retrain(problem, theta, weights, row_preconditioner(curvature), settings)
+    assert not stalled.converged[1:].any() and not stalled.newton.any()
+    out = finish_unconverged(problem, stalled, weights, curvature.matrix, settings)
+    assert out.converged.all() and (out.grad_max <= 1e-10).all()
+    assert (out.newton == ~stalled.converged).all() and (out.iterations == stalled.iterations).all()
+    for row, w in enumerate(weights):
+        alone = polish(problem, fit(problem, theta, TIGHT, w), **NEWTON, weights=w)
+        assert torch.allclose(out.theta[row], alone, atol=1e-8), row
+    unchanged = finish_unconverged(problem, stalled, weights, None, settings)  # no dense metric: nothing to finish with
+    assert unchanged is stalled
+
+
+def test_exact_curvature_matrix_is_what_its_inverse_inverts():
+    """Away from a minimum (θ₀) some Hessian eigenvalues are raised to λ: ``matrix`` carries the raise."""
+    problem = _toy_problem("resnet")
+    theta = problem.model.init_params(0)
+    curvature = exact_curvature(problem, theta, damping=0.1)
+    assert curvature.raised_eigenvalues > 0 and curvature.matrix is not None
+    v = torch.randn(theta.numel(), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(curvature.matrix @ curvature.ihvp(v), v, atol=1e-9)
+    hessian = dense_hessian(problem.objective, theta) + 0.1 * torch.eye(theta.numel(), dtype=torch.float64)
+    evals = torch.linalg.eigvalsh(hessian)
+    assert torch.allclose(torch.linalg.eigvalsh(curvature.matrix), evals.clamp_min(problem.l2 + 0.1), atol=1e-9)
+
+
 def _tiny_cnn() -> tuple[Problem, torch.Tensor]:
     split = _split(12, 5, 0, 3, seed=4, image=(1, 5, 5))
     net = FlatModel(build_model("resnet", (1, 5, 5), 3, (2, 2, 3, 3), "gelu"))
@@ -141,7 +176,7 @@ def test_polish_takes_a_cnn_from_where_lbfgs_stops_to_a_minimum():
     rough = fit(problem, problem.model.init_params(0), ROUGH)
     grad = torch.func.grad(problem.objective)
     assert float(grad(rough).abs().max()) > 1e-6  # L-BFGS alone is far from the tolerance here
-    theta = polish(problem, rough, FitSettings(tol_grad=1e-10))
+    theta = polish(problem, rough, **NEWTON)
     assert float(grad(theta).abs().max()) <= 1e-10
     assert float(problem.objective(theta)) < float(problem.objective(rough))
     assert float(torch.linalg.eigvalsh(dense_hessian(problem.objective, theta)).min()) > 0  # a minimum, not a saddle
@@ -153,7 +188,7 @@ def test_polish_leaves_a_saddle_along_negative_curvature():
     problem = _toy_problem("mlp")
     saddle = torch.zeros(problem.model.num_params, dtype=torch.float64)
     grad = torch.func.grad(problem.objective)
-    theta = polish(problem, saddle + 1e-6 * problem.model.init_params(0), FitSettings(tol_grad=1e-10))
+    theta = polish(problem, saddle + 1e-6 * problem.model.init_params(0), **NEWTON)
     assert float(torch.linalg.eigvalsh(dense_hessian(problem.objective, saddle)).min()) < 0
     assert float(grad(theta).abs().max()) <= 1e-10
     assert float(problem.objective(theta)) < float(problem.objective(saddle)) - 1e-3

@@ -23,11 +23,11 @@ from iaif.common.provenance import write_run_info
 from iaif.evaluation.fidelity.datasets import default_data_dir, load_split
 from iaif.evaluation.fidelity.estimate import estimate_groups
 from iaif.evaluation.fidelity.groups import GroupSettings, draw_groups, projected_gradients
-from iaif.evaluation.fidelity.hessian import CurvatureKind, build_curvature, row_preconditioner
+from iaif.evaluation.fidelity.hessian import CurvatureKind, build_curvature, retraining_curvature, row_preconditioner
 from iaif.evaluation.fidelity.models import FlatModel, ModelKind, build_model
 from iaif.evaluation.fidelity.objective import Problem
 from iaif.evaluation.fidelity.report import PairResult, markdown_table, scatter_plot, target_checks, write_results
-from iaif.evaluation.fidelity.retrain import FitSettings, RetrainCache, RetrainSettings, leave_group_out
+from iaif.evaluation.fidelity.retrain import RETRAIN_SOLVER, FitSettings, RetrainCache, RetrainSettings, leave_group_out
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     warm = spec.convex or cfg.nonconvex_start == "optimum"
     data_hash = hashlib.sha1(b"".join(t.numpy().tobytes() for t in (split.x_train, split.y_train, split.x_target, split.y_target)))
     fit_settings = replace(cfg.fit, **dict(spec.fit))
-    key = [asdict(spec), data_hash.hexdigest(), cfg.seed, asdict(fit_settings), asdict(cfg.retrain), warm,
+    key = [asdict(spec), data_hash.hexdigest(), cfg.seed, asdict(fit_settings), asdict(cfg.retrain), warm, RETRAIN_SOLVER,
            cfg.ihvp, cfg.damping, cfg.exact_max_params, cfg.cg_tol, cfg.cg_maxiter, torch.__version__]
     fingerprint = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     caches = [RetrainCache(cache_root / name, fingerprint, s) for s in seeds]
@@ -170,11 +170,12 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     t0 = time.perf_counter()
     curvatures = [build_curvature(problem, th, cfg.ihvp, cfg.damping, cfg.exact_max_params, cfg.cg_tol, cfg.cg_maxiter,  # type: ignore[arg-type]
                                   spec.curvature) for th in thetas]
+    starting = [retraining_curvature(problem, th, c, cfg.damping, cfg.exact_max_params) for th, c in zip(thetas, curvatures)]
     timings["curvature_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    truth = leave_group_out(problem, index, thetas if warm else inits, thetas, [row_preconditioner(c) for c in curvatures],
-                            caches, cfg.retrain, label=f"{name} retrain")
+    truth = leave_group_out(problem, index, thetas if warm else inits, thetas, [row_preconditioner(c) for c in starting],
+                            [c.matrix for c in starting], caches, cfg.retrain, label=f"{name} retrain")
     timings["retrain_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -186,7 +187,9 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     info = {"n": split.n, "m": len(split.y_target), "params": model.num_params, "seeds": seeds, "convex": spec.convex,
             "l2": spec.l2, "ihvp": method, "damping": cfg.damping, "raised_eigenvalues_max": raised,
             "f_full": [float(problem.target(t)) for t in thetas], "groups": len(index),
-            "converged_groups": int(converged.sum()), "retrain_iterations_median": float(np.median(truth.iterations)),
+            "converged_groups": int(converged.sum()), "newton_finished": int(truth.newton.sum()),
+            "newton_converged": int((truth.newton & truth.converged).sum()),
+            "retrain_iterations_median": float(np.median(truth.iterations)),
             "retrain_iterations_max": int(truth.iterations.max()), "retrain_grad_max": float(truth.grad_max.max()), **timings}
     logger.info("%s: %s", name, info)
     return PairResult(name, spec.describe(), [g.kind for g in groups], [len(i) for i in index],

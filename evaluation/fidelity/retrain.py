@@ -12,14 +12,17 @@ terms, 1 elsewhere; the L2 term is never removed), in float64.
   parameter rows). Each group runs preconditioned L-BFGS warm-started from θ*: the two-loop
   recursion starts from the full-data curvature (H(θ*) + δI)⁻¹, so a small removal converges like
   Newton's method and the L-BFGS memory corrects the directions the removal changed most.
-  Backtracking (Armijo) per group; a group stops when its max |∇L_w| ≤ ``tol_grad``. Groups that do
-  not reach it within ``max_iter`` are marked not converged (reported, never used in correlations).
+  Backtracking (Armijo) per group; a group stops when its max |∇L_w| ≤ ``tol_grad``.
+* The Newton finish, ``finish_unconverged``: a group L-BFGS leaves above the tolerance after
+  ``max_iter`` gets up to ``finish_steps`` trust-region Newton steps (``polish``, one group at a
+  time, in the fixed metric of the full-data curvature). Groups still above it are marked not
+  converged (reported, never used in correlations).
 * Non-convex models: Δf is averaged over seeds (``benchmark``); per seed, retraining starts from
   that seed's θ* (the local optimum the influence expansion describes) or from its θ₀.
 
-The cache is one JSON file per (fingerprint, seed): group key → {f, converged, grad_max, iterations};
-the trained θ* is kept next to it. The fingerprint covers everything the values depend on (pair
-spec, data, seed, fit and retrain settings, curvature settings, torch version).
+The cache is one JSON file per (fingerprint, seed): group key → {f, converged, grad_max, iterations,
+newton}; the trained θ* is kept next to it. The fingerprint covers everything the values depend on
+(pair spec, data, seed, fit and retrain settings, curvature settings, torch version).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from iaif.evaluation.fidelity.hessian import dense_ggn
 from iaif.evaluation.fidelity.objective import Problem, hvp_of
 
 logger = logging.getLogger(__name__)
+
+RETRAIN_SOLVER = "lbfgs from the exact Hessian at theta* where dense, then trust-region Newton"
+"""Part of the cache fingerprint: how a retraining is computed, beyond its settings."""
 
 Precondition = Callable[[torch.Tensor], torch.Tensor]
 """Applies an approximate inverse Hessian to the rows of a [B, p] matrix."""
@@ -78,6 +84,10 @@ class RetrainSettings:
     """L-BFGS memory per group"""
     batch: int = 16
     """groups retrained together in one vmapped computation"""
+    finish_steps: int = 20
+    """groups still above tol_grad after max_iter get up to this many trust-region Newton steps (0 = off)"""
+    finish_cg: int = 200
+    """conjugate-gradient iterations (Hessian-vector products) per Newton step of the finish"""
 
 
 def fit(problem: Problem, theta0: torch.Tensor, settings: FitSettings, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,39 +118,50 @@ def train_full(problem: Problem, theta0: torch.Tensor, settings: FitSettings) ->
     if settings.continuation_l2 and settings.continuation_l2 != problem.l2:
         theta0 = train_full(replace(problem, l2=settings.continuation_l2), theta0, replace(settings, continuation_l2=0.0))
     theta = fit(problem, theta0, settings)
-    if settings.polish_steps and float(torch.func.grad(problem.objective)(theta).abs().max()) > settings.tol_grad:
-        theta = polish(problem, theta, settings)
+    grad = torch.func.grad(problem.objective)
+    if settings.polish_steps and float(grad(theta).abs().max()) > settings.tol_grad:
+        theta = polish(problem, theta, settings.tol_grad, settings.polish_steps, settings.polish_cg)
+        gmax = float(grad(theta).abs().max())
+        if gmax > settings.tol_grad:
+            logger.warning("polish stopped with max |grad| %.2e (tolerance %.1e); raise fit.polish_steps", gmax, settings.tol_grad)
     return theta
 
 
-def polish(problem: Problem, theta: torch.Tensor, settings: FitSettings, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Continue minimising L_w from θ by trust-region Newton steps until max |∇L_w| ≤ tol_grad.
+def polish(problem: Problem, theta: torch.Tensor, tol_grad: float, steps: int, cg_iters: int,
+           weights: torch.Tensor | None = None, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Continue minimising L_w from θ by up to ``steps`` trust-region Newton steps until max |∇L_w| ≤ tol_grad.
 
     Each step solves the Newton system of the exact Hessian (Hessian-vector products) by Steihaug's
-    truncated conjugate gradient, preconditioned by the dense damped Gauss-Newton matrix G(θ) and with
-    the trust region ‖s‖_G ≤ Δ in its norm: CG stops at the boundary or along negative curvature, so
-    an indefinite Hessian (non-convex models) is handled; near a minimum the steps are Newton's."""
+    truncated conjugate gradient (at most ``cg_iters`` products), preconditioned by a positive
+    definite metric M and with the trust region ‖s‖_M ≤ Δ in its norm: CG stops at the boundary or
+    along negative curvature, so an indefinite Hessian (non-convex models) is handled; near a minimum
+    the steps are Newton's. M is ``metric`` when given (fixed), else the dense damped Gauss-Newton
+    matrix G(θ), rebuilt at every step."""
     def objective(t: torch.Tensor) -> torch.Tensor:
         return problem.objective(t, weights)
 
     value_grad = grad_and_value(objective)
     g, f = value_grad(theta)
-    radius = 0.0  # set at the first step: the G-norm of the Gauss-Newton step
-    for _ in range(settings.polish_steps):
-        if float(g.abs().max()) <= settings.tol_grad:
+    radius = 0.0  # set at the first step: the M-norm of the step M⁻¹g
+    factor = torch.linalg.cholesky(metric) if metric is not None else None
+    for _ in range(steps):
+        if float(g.abs().max()) <= tol_grad:
             return theta
-        metric = dense_ggn(problem, theta)
-        factor = torch.linalg.cholesky(metric)
+        if metric is None or factor is None:
+            step_metric = dense_ggn(problem, theta)
+            step_factor = torch.linalg.cholesky(step_metric)
+        else:
+            step_metric, step_factor = metric, factor
         if radius == 0.0:
-            radius = float(g @ torch.cholesky_solve(g[:, None], factor)[:, 0]) ** 0.5
+            radius = float(g @ torch.cholesky_solve(g[:, None], step_factor)[:, 0]) ** 0.5
         hvp = hvp_of(objective, theta)
         while True:
-            step, model_drop, on_boundary = _steihaug(g, hvp, metric, factor, radius, settings.polish_cg)
+            step, model_drop, on_boundary = _steihaug(g, hvp, step_metric, step_factor, radius, cg_iters)
             g_new, f_new = value_grad(theta + step)
             actual = float(f - f_new)
             slack = 1e-14 * max(abs(float(f)), 1.0)  # round-off of L: a step predicted to change L by less is kept
             ratio = (actual + slack) / (model_drop + slack)
-            length = float(step @ metric @ step) ** 0.5
+            length = float(step @ step_metric @ step) ** 0.5
             if ratio < 0.25:
                 radius = 0.25 * length
             elif ratio > 0.75 and on_boundary:
@@ -150,13 +171,10 @@ def polish(problem: Problem, theta: torch.Tensor, settings: FitSettings, weights
             logger.debug("polish: step rejected (drop %.3g predicted %.3g, max |grad| %.2e -> %.2e), radius %.2e",
                          actual, model_drop, float(g.abs().max()), float(g_new.abs().max()), radius)
             if radius < 1e-14:
-                logger.warning("polish: trust region collapsed at max |grad| %.2e", float(g.abs().max()))
+                logger.debug("polish: trust region collapsed at max |grad| %.2e", float(g.abs().max()))
                 return theta
         theta, g, f = theta + step, g_new, f_new
         logger.debug("polish: L %.12g, max |grad| %.2e, ratio %.2f, radius %.2e", float(f), float(g.abs().max()), ratio, radius)
-    gmax = float(g.abs().max())
-    if gmax > settings.tol_grad:
-        logger.warning("polish stopped with max |grad| %.2e (tolerance %.1e); raise fit.polish_steps", gmax, settings.tol_grad)
     return theta
 
 
@@ -203,6 +221,9 @@ class RetrainOutcome:
     converged: np.ndarray
     grad_max: np.ndarray
     iterations: np.ndarray
+    """L-BFGS iterations"""
+    newton: np.ndarray
+    """whether the Newton finish ran (L-BFGS left the group above the tolerance)"""
 
 
 def batched_retrain(problem: Problem, start: torch.Tensor, weights: torch.Tensor, precondition: Precondition,
@@ -248,7 +269,27 @@ def batched_retrain(problem: Problem, start: torch.Tensor, weights: torch.Tensor
         stalled[idx[~ok]] = step[idx[~ok]] < 1e-10
         iters[idx] += 1
     gmax = g.abs().amax(1)
-    return RetrainOutcome(theta, (gmax <= settings.tol_grad).numpy(), gmax.numpy(), iters.numpy())
+    return RetrainOutcome(theta, (gmax <= settings.tol_grad).numpy(), gmax.numpy(), iters.numpy(), np.zeros(b, dtype=bool))
+
+
+def finish_unconverged(problem: Problem, outcome: RetrainOutcome, weights: torch.Tensor, metric: torch.Tensor | None,
+                       settings: RetrainSettings) -> RetrainOutcome:
+    """Trust-region Newton steps (``polish``, fixed ``metric``) for every group L-BFGS left above the
+    tolerance; without a dense metric (or with ``finish_steps`` 0) the outcome is returned as it is.
+
+    L-BFGS from the θ* curvature stalls where a removal moves a non-convex model into a region of
+    different (even negative) curvature; Newton steps on exact Hessian-vector products take the groups
+    that are near a minimum of their own the rest of the way."""
+    todo = np.flatnonzero(~outcome.converged)
+    if metric is None or settings.finish_steps == 0 or not len(todo):
+        return outcome
+    grad = torch.func.grad(problem.objective)
+    theta, converged, grad_max, newton = outcome.theta.clone(), outcome.converged.copy(), outcome.grad_max.copy(), outcome.newton.copy()
+    for row in todo:
+        theta[row] = polish(problem, theta[row], settings.tol_grad, settings.finish_steps, settings.finish_cg, weights[row], metric)
+        grad_max[row] = float(grad(theta[row], weights[row]).abs().max())
+        converged[row], newton[row] = grad_max[row] <= settings.tol_grad, True
+    return RetrainOutcome(theta, converged, grad_max, outcome.iterations, newton)
 
 
 def _two_loop(g: torch.Tensor, s: torch.Tensor, y: torch.Tensor, rho: torch.Tensor, precondition: Precondition) -> torch.Tensor:
@@ -272,7 +313,7 @@ def group_key(index: np.ndarray) -> str:
 
 
 class RetrainCache:
-    """JSON map group key → {f, converged, grad_max, iterations} for one pair and seed, written atomically."""
+    """JSON map group key → {f, converged, grad_max, iterations, newton} for one pair and seed, written atomically."""
 
     def __init__(self, folder: Path, fingerprint: str, seed: int):
         folder.mkdir(parents=True, exist_ok=True)
@@ -301,6 +342,7 @@ class LeaveGroupOut:
     converged: np.ndarray
     grad_max: np.ndarray
     iterations: np.ndarray
+    newton: np.ndarray
 
 
 def leave_group_out(
@@ -309,11 +351,13 @@ def leave_group_out(
     starts: Sequence[torch.Tensor],
     theta_full: Sequence[torch.Tensor],
     preconditioners: Sequence[Precondition],
+    metrics: Sequence[torch.Tensor | None],
     caches: Sequence[RetrainCache],
     settings: RetrainSettings,
     label: str = "retrain",
 ) -> LeaveGroupOut:
-    """Retrain (batched) every group and seed missing from the caches; read everything back."""
+    """Retrain (batched, then the Newton finish with ``metrics[seed]``) every group and seed missing
+    from the caches; read everything back."""
     total = len(groups) * len(caches)
     with progress(total=total, desc=label) as bar:
         for s, cache in enumerate(caches):
@@ -325,20 +369,24 @@ def leave_group_out(
                 for row, g in enumerate(chunk):
                     weights[row, torch.as_tensor(groups[g])] = 0.0
                 res = batched_retrain(problem, starts[s], weights, preconditioners[s], settings)
+                res = finish_unconverged(problem, res, weights, metrics[s], settings)
                 cache.put_many({group_key(groups[g]): {"f": float(problem.target(res.theta[row])),
                                                         "converged": bool(res.converged[row]),
                                                         "grad_max": float(res.grad_max[row]),
-                                                        "iterations": int(res.iterations[row])}
+                                                        "iterations": int(res.iterations[row]),
+                                                        "newton": bool(res.newton[row])}
                                 for row, g in enumerate(chunk)})
                 bar.update(len(chunk))
     shape = (len(groups), len(caches))
-    out = LeaveGroupOut(np.empty(shape), np.empty(shape, dtype=bool), np.empty(shape), np.empty(shape, dtype=np.int64))
+    out = LeaveGroupOut(np.empty(shape), np.empty(shape, dtype=bool), np.empty(shape), np.empty(shape, dtype=np.int64),
+                        np.empty(shape, dtype=bool))
     for s, cache in enumerate(caches):
         f_full = float(problem.target(theta_full[s]))
         for g, idx in enumerate(groups):
             entry = cache.values[group_key(idx)]
             out.delta[g, s] = entry["f"] - f_full
             out.converged[g, s], out.grad_max[g, s], out.iterations[g, s] = entry["converged"], entry["grad_max"], entry["iterations"]
+            out.newton[g, s] = entry["newton"]
     n_bad = int((~out.converged).sum())
     if n_bad:
         logger.warning("%s: %d of %d retrainings did not reach max |grad| <= %.1e", label, n_bad, total, settings.tol_grad)
