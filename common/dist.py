@@ -42,14 +42,16 @@ def min_across_processes(value: int) -> int:
     return int(tensor.item())
 
 
-def close_process_group() -> None:
+def close_process_group() -> bool:
     """Tear down the launch's process group, if one was set up, at the end of a command: a process that
     exits with a gloo group still open can abort on the way out ("terminate called without an active
-    exception") after its work is done."""
+    exception") after its work is done. Returns whether there was one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
 
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
