@@ -85,13 +85,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: a clear message, no traceback
         logging.getLogger("iaif").debug("stage %s failed", name, exc_info=True)
         sys.exit(f"iaif {name}: {err}")
-    from iaif.common.dist import close_process_group
+    from iaif.common.dist import leave_launch
 
-    if close_process_group():
-        # a launched process leaves without the interpreter's finalisation: gloo's worker threads can
-        # still be torn down there and abort the process after its work is done (seen 1 run in ~6 of
-        # the 2-process select test, "terminate called without an active exception")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_launch()

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iaif.common.dist import leave_launch
 from iaif.selection.estimators import marginal_gain
 from iaif.selection.greedy import greedy_select
 from iaif.selection.objective import Objective, default_lambda
@@ -126,6 +127,11 @@ def _gather_figures(shard: Shard, figures: list[float]) -> list[list[float]]:
     return [t.tolist() for t in every]
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN for a rank that owns no rows (N below two chunks)."""
+    return a / b if b else float("nan")
+
+
 def store_main(args: argparse.Namespace) -> None:
     """Greedy from the memory-mapped store, sharded over the launch's processes (module docstring)."""
     rss0 = _peak_rss_bytes()
@@ -150,13 +156,6 @@ def store_main(args: argparse.Namespace) -> None:
     phi_bytes = curv.numel() * curv.element_size()
     figures = [took, setup, _peak_rss_bytes(), rss0, phi_bytes, result.refreshes, cpu]
     every = _gather_figures(shard, figures)
-    if shard.world > 1:
-        import torch.distributed as dist
-
-        from iaif.common.dist import close_process_group
-
-        dist.barrier()
-        close_process_group()
     if shard.rank != 0:
         return
     digest = hashlib.sha256(json.dumps(result.indices).encode()).hexdigest()[:16]
@@ -164,15 +163,15 @@ def store_main(args: argparse.Namespace) -> None:
           f"threads {torch.get_num_threads()}, {args.dtype} store, device {device}, λ={lam:.6g}")
     for r, (t, su, peak, base, phib, refr, c) in enumerate(every):
         print(f"  rank {r}: greedy {t:.1f} s ({c:.1f} s of CPU) (+ scores and λ {su:.1f} s), full passes {int(refr)}, "
-              f"peak RSS {peak / 2**30:.2f} GiB = {peak / phib:.2f}× its Φ shard ({phib / 2**30:.2f} GiB; "
-              f"{(peak - base) / phib:.2f}× without the {base / 2**30:.2f} GiB at start)")
+              f"peak RSS {peak / 2**30:.2f} GiB = {_ratio(peak, phib):.2f}× its Φ shard ({phib / 2**30:.2f} GiB; "
+              f"{_ratio(peak - base, phib):.2f}× without the {base / 2**30:.2f} GiB at start)")
     print(f"J = {value:.6g}, picks digest {digest} (first {result.indices[:5]})")
     if args.picks:
         Path(args.picks).write_text(json.dumps(result.indices))
     if args.json:
         ranks = [{"greedy_seconds": round(t, 2), "greedy_cpu_seconds": round(c, 2), "setup_seconds": round(su, 2),
                   "full_passes": int(refr), "peak_rss_gib": round(peak / 2**30, 3), "phi_shard_gib": round(phib / 2**30, 3),
-                  "peak_over_phi": round(peak / phib, 3)} for t, su, peak, base, phib, refr, c in every]
+                  "peak_over_phi": round(_ratio(peak, phib), 3)} for t, su, peak, base, phib, refr, c in every]
         Path(args.json).write_text(json.dumps({
             "n": args.n, "m": args.m, "k": args.k, "kind": args.kind, "processes": shard.world, "dtype": args.dtype,
             "device": str(device), "lambda": lam, "objective": value, "picks_digest": digest, "ranks": ranks}, indent=2))
@@ -203,6 +202,7 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.store:
         store_main(args)
+        leave_launch()  # a launched rank exits here, past gloo's teardown at interpreter exit
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     rss0 = _peak_rss_bytes()

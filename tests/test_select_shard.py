@@ -38,7 +38,7 @@ CASES = {
 WORKER = '''
 import json, sys
 import torch
-from iaif.common.dist import close_process_group
+from iaif.common.dist import leave_launch
 from iaif.selection.greedy import greedy_select
 from iaif.selection.objective import Objective, default_lambda
 from iaif.selection.shard import launch_shard
@@ -66,7 +66,7 @@ for name, c in cases.items():
     if shard.rank == 0:
         with open(sys.argv[1], "w") as fh:
             json.dump(out, fh)
-close_process_group()
+leave_launch()
 '''
 
 
