@@ -90,8 +90,9 @@ class RetrainSettings:
     """conjugate-gradient iterations (Hessian-vector products) per Newton step of the finish"""
 
 
-def fit(problem: Problem, theta0: torch.Tensor, settings: FitSettings, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Minimise L_w from θ₀; returns θ (a warning is logged when the tolerance is not reached)."""
+def fit(problem: Problem, theta0: torch.Tensor, settings: FitSettings, weights: torch.Tensor | None = None,
+        warn: bool = True) -> torch.Tensor:
+    """Minimise L_w from θ₀; returns θ (with ``warn``, a warning is logged when the tolerance is not reached)."""
     theta = theta0.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=settings.max_iter, tolerance_grad=settings.tol_grad,
                             tolerance_change=1e-15, history_size=settings.history, line_search_fn="strong_wolfe")
@@ -107,7 +108,7 @@ def fit(problem: Problem, theta0: torch.Tensor, settings: FitSettings, weights: 
     if theta.grad is None:
         raise RuntimeError("L-BFGS left no gradient on the parameters")
     gmax = float(theta.grad.abs().max())
-    if gmax > 100 * settings.tol_grad:
+    if warn and gmax > 100 * settings.tol_grad:
         logger.warning("L-BFGS stopped with max |grad| %.2e (tolerance %.1e); raise fit.max_iter", gmax, settings.tol_grad)
     return theta.detach()
 
@@ -117,7 +118,7 @@ def train_full(problem: Problem, theta0: torch.Tensor, settings: FitSettings) ->
     is first replaced by the θ* of the same problem at that L2 weight (a continuation in λ)."""
     if settings.continuation_l2 and settings.continuation_l2 != problem.l2:
         theta0 = train_full(replace(problem, l2=settings.continuation_l2), theta0, replace(settings, continuation_l2=0.0))
-    theta = fit(problem, theta0, settings)
+    theta = fit(problem, theta0, settings, warn=not settings.polish_steps)  # with a polish, its end state is what counts
     grad = torch.func.grad(problem.objective)
     if settings.polish_steps and float(grad(theta).abs().max()) > settings.tol_grad:
         theta = polish(problem, theta, settings.tol_grad, settings.polish_steps, settings.polish_cg)
