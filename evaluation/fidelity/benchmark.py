@@ -23,7 +23,7 @@ from iaif.common.provenance import write_run_info
 from iaif.evaluation.fidelity.datasets import default_data_dir, load_split
 from iaif.evaluation.fidelity.estimate import estimate_groups
 from iaif.evaluation.fidelity.groups import GroupSettings, draw_groups, projected_gradients
-from iaif.evaluation.fidelity.hessian import CurvatureKind, build_curvature, retraining_curvature, row_preconditioner
+from iaif.evaluation.fidelity.hessian import CurvatureKind, build_curvature, retraining_curvature
 from iaif.evaluation.fidelity.models import FlatModel, ModelKind, build_model
 from iaif.evaluation.fidelity.objective import Problem
 from iaif.evaluation.fidelity.report import PairResult, markdown_table, scatter_plot, target_checks, write_results
@@ -174,8 +174,8 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     timings["curvature_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    truth = leave_group_out(problem, index, thetas if warm else inits, thetas, [row_preconditioner(c) for c in starting],
-                            [c.matrix for c in starting], caches, cfg.retrain, label=f"{name} retrain")
+    truth = leave_group_out(problem, index, thetas if warm else inits, thetas, starting, caches, cfg.retrain,
+                            label=f"{name} retrain")
     timings["retrain_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ from torch.func import grad_and_value, vmap
 
 from iaif.common.atomic import write_json
 from iaif.common.progress import progress
-from iaif.evaluation.fidelity.hessian import dense_ggn
+from iaif.evaluation.fidelity.hessian import Curvature, dense_ggn, row_preconditioner
 from iaif.evaluation.fidelity.objective import Problem, hvp_of
 
 logger = logging.getLogger(__name__)
@@ -144,15 +144,15 @@ def polish(problem: Problem, theta: torch.Tensor, tol_grad: float, steps: int, c
     value_grad = grad_and_value(objective)
     g, f = value_grad(theta)
     radius = 0.0  # set at the first step: the M-norm of the step M⁻¹g
-    factor = torch.linalg.cholesky(metric) if metric is not None else None
+    fixed = (metric, torch.linalg.cholesky(metric)) if metric is not None else None
     for _ in range(steps):
         if float(g.abs().max()) <= tol_grad:
             return theta
-        if metric is None or factor is None:
+        if fixed is None:
             step_metric = dense_ggn(problem, theta)
             step_factor = torch.linalg.cholesky(step_metric)
         else:
-            step_metric, step_factor = metric, factor
+            step_metric, step_factor = fixed
         if radius == 0.0:
             radius = float(g @ torch.cholesky_solve(g[:, None], step_factor)[:, 0]) ** 0.5
         hvp = hvp_of(objective, theta)
@@ -351,14 +351,13 @@ def leave_group_out(
     groups: Sequence[np.ndarray],
     starts: Sequence[torch.Tensor],
     theta_full: Sequence[torch.Tensor],
-    preconditioners: Sequence[Precondition],
-    metrics: Sequence[torch.Tensor | None],
+    curvatures: Sequence[Curvature],
     caches: Sequence[RetrainCache],
     settings: RetrainSettings,
     label: str = "retrain",
 ) -> LeaveGroupOut:
-    """Retrain (batched, then the Newton finish with ``metrics[seed]``) every group and seed missing
-    from the caches; read everything back."""
+    """Retrain every group and seed missing from the caches (batched L-BFGS from ``curvatures[seed]``'s
+    inverse, then the Newton finish in its ``matrix``); read everything back."""
     total = len(groups) * len(caches)
     with progress(total=total, desc=label) as bar:
         for s, cache in enumerate(caches):
@@ -369,8 +368,8 @@ def leave_group_out(
                 weights = torch.ones(len(chunk), problem.n, dtype=torch.float64)
                 for row, g in enumerate(chunk):
                     weights[row, torch.as_tensor(groups[g])] = 0.0
-                res = batched_retrain(problem, starts[s], weights, preconditioners[s], settings)
-                res = finish_unconverged(problem, res, weights, metrics[s], settings)
+                res = batched_retrain(problem, starts[s], weights, row_preconditioner(curvatures[s]), settings)
+                res = finish_unconverged(problem, res, weights, curvatures[s].matrix, settings)
                 cache.put_many({group_key(groups[g]): {"f": float(problem.target(res.theta[row])),
                                                         "converged": bool(res.converged[row]),
                                                         "grad_max": float(res.grad_max[row]),
