@@ -16,6 +16,12 @@ logger = logging.getLogger("iaif.progress")
 T = TypeVar("T")
 LOG_EVERY_S = 30.0
 """Seconds between two progress lines in a redirected log."""
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """The command's logging: timestamped lines on stderr (also for worker processes, which inherit none)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def on_terminal() -> bool:

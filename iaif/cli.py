@@ -64,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"iaif: unknown stage '{name}'\n\n{_usage()}")
     if name in POSITIONAL_CONFIG_STAGES and rest and not rest[0].startswith("-"):
         rest = ["--config", rest[0], *rest[1:]]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from iaif.common.progress import on_terminal
+    from iaif.common.progress import log_to_stderr, on_terminal
+
+    log_to_stderr()
 
     if not on_terminal():  # redirected log: no Hugging Face progress bars (ours write one line every 30 s)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -113,3 +113,23 @@ def test_weak_l2_regime_runs_non_convex_pairs_twice():
     runs = regimes(["breast_cancer_logreg", "wine_mlp"], FidelityConfig(weak_l2=1e-3))
     assert [name for name, _ in runs] == ["breast_cancer_logreg_l2-0.01", "wine_mlp_l2-0.01", "wine_mlp_l2-0.001"]
     assert [spec.l2 for _, spec in runs] == [0.01, 0.01, 0.001]
+
+
+def test_pair_regimes_in_two_processes_give_the_one_process_results(tmp_path):
+    """jobs only decides where a pair-regime is computed: results.json is the same, timings aside."""
+    def results(jobs: int) -> dict:
+        cfg = FidelityConfig(output_dir=str(tmp_path / f"jobs{jobs}"), pairs=["breast_cancer_logreg", "wine_mlp"],
+                             quick=True, jobs=jobs)
+        pairs = json.loads((run_fidelity(cfg) / "results.json").read_text())["pairs"]
+        for pair in pairs.values():
+            pair["info"] = {k: v for k, v in pair["info"].items() if not k.endswith("_s")}
+        return pairs
+
+    one, two = results(1), results(2)
+    assert list(one) == ["breast_cancer_logreg_l2-0.01", "wine_mlp_l2-0.01", "wine_mlp_l2-0.001"]
+    assert two == one
+
+
+def test_negative_jobs_is_an_error_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="jobs: -1"):
+        run_fidelity(FidelityConfig(output_dir=str(tmp_path), pairs=["wine_mlp"], jobs=-1))

@@ -11,7 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from iaif.common.progress import log_to_stderr
 from iaif.common.provenance import write_run_info
 from iaif.evaluation.fidelity.datasets import default_data_dir, load_split
 from iaif.evaluation.fidelity.estimate import estimate_groups
@@ -118,7 +123,10 @@ class FidelityConfig:
     cache_dir: str = ""
     """retraining cache; empty = OUTPUT_DIR/cache"""
     threads: int = 1
-    """torch intra-op threads (1 is fastest for these small models, far faster on a busy CPU)"""
+    """torch intra-op threads per process (1 is fastest for these small models, far faster on a busy CPU)"""
+    jobs: int = 0
+    """pair-regimes computed at once, each in its own process with ``threads`` threads (0 = as many
+    as the CPU cores this process may use allow); the results do not depend on it"""
 
 
 def resolve_pairs(cfg: FidelityConfig) -> tuple[list[str], Path]:
@@ -143,6 +151,7 @@ def regimes(names: list[str], cfg: FidelityConfig) -> list[tuple[str, PairSpec]]
 
 def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cache_root: Path) -> PairResult:
     """Train, draw groups, retrain (batched, cached) and estimate on one pair."""
+    logger.info("pair %s: %s", name, spec.describe())
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     split = load_split(spec.dataset, data_dir, spec.n_train, spec.n_target, cfg.seed, spec.downsample)
@@ -196,6 +205,41 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
                       truth.delta.mean(axis=1), np.mean(per_seed, axis=0), info, converged)
 
 
+def job_count(cfg: FidelityConfig, runs: int) -> int:
+    """Processes for ``runs`` pair-regimes: ``cfg.jobs``, or with 0 the usable cores over ``threads``."""
+    if cfg.jobs < 0:
+        raise ValueError(f"jobs: {cfg.jobs} is negative (0 = one per available core)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(runs, cfg.jobs or cores // max(cfg.threads, 1)))
+
+
+def _start_worker(threads: int, level: int) -> None:
+    torch.set_num_threads(threads)
+    log_to_stderr(level)
+
+
+def pair_results(runs: list[tuple[str, PairSpec]], cfg: FidelityConfig, data_dir: Path, cache_root: Path,
+                 jobs: int) -> Iterator[PairResult]:
+    """Each pair-regime's result as soon as it is ready: here, in order, with one job; else from a pool
+    of ``jobs`` spawned processes, the CNN's regimes and the weak-L2 ones submitted first (they take
+    most of the suite's time, so the others fill in around them). When one fails, the queued ones are
+    cancelled, the running ones finish (their retrainings are cached) and the error is raised."""
+    if jobs == 1:
+        for run, spec in runs:
+            yield run_pair(run, spec, cfg, data_dir, cache_root)
+        return
+    order = sorted(runs, key=lambda r: (r[1].model != "resnet", r[1].l2))
+    logger.info("%d pair-regimes in %d processes: %s", len(runs), jobs, ", ".join(run for run, _ in order))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(cfg.threads, logging.getLogger().getEffectiveLevel()))
+    try:
+        futures = [pool.submit(run_pair, run, spec, cfg, data_dir, cache_root) for run, spec in order]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_fidelity(cfg: FidelityConfig) -> Path:
     """Run the benchmark; returns the output folder (table.md, results.json, scatter_*.png)."""
     names, data_dir = resolve_pairs(cfg)
@@ -203,19 +247,20 @@ def run_fidelity(cfg: FidelityConfig) -> Path:
         raise ValueError(f"nonconvex_start: '{cfg.nonconvex_start}' is not one of optimum, init")
     if cfg.quick:
         cfg = replace(cfg, groups=replace(cfg.groups, random_groups=3, coherent_groups=6, num_sizes=3))
+    runs = regimes(names, cfg)
+    jobs = job_count(cfg, len(runs))
     out = Path(cfg.output_dir)
     write_run_info(out, cfg, "fidelity")
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     torch.set_num_threads(cfg.threads)
-    results: list[PairResult] = []
     start = time.perf_counter()
-    runs = regimes(names, cfg)
     convex = {run: spec.convex for run, spec in runs}
-    for run, spec in runs:
-        logger.info("pair %s: %s", run, spec.describe())
-        results.append(run_pair(run, spec, cfg, data_dir, cache_root))
-        scatter_plot(results[-1], out / f"scatter_{run}.png")
-        write_results(results, convex, out)
+    done: dict[str, PairResult] = {}
+    for res in pair_results(runs, cfg, data_dir, cache_root, jobs):
+        done[res.name] = res
+        scatter_plot(res, out / f"scatter_{res.name}.png")
+        write_results([done[run] for run, _ in runs if run in done], convex, out)
+    results = [done[run] for run, _ in runs]
     table = markdown_table(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
@@ -223,5 +268,5 @@ def run_fidelity(cfg: FidelityConfig) -> Path:
         checks = target_checks(res, convex[res.name])
         print(f"{res.name} ({res.info['converged_groups']}/{res.info['groups']} converged): "
               + ", ".join(f"{k} {v['value']:+.3f} ({'met' if v['met'] else 'MISSED'})" for k, v in checks.items()))
-    print(f"total {time.perf_counter() - start:.0f} s; output in {out}")
+    print(f"total {time.perf_counter() - start:.0f} s in {jobs} process(es); output in {out}")
     return out
