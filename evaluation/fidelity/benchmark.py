@@ -3,7 +3,8 @@
 For each dataset-model pair (and, for non-convex models, each L2 regime): train to the optimum,
 draw random and coherent groups, retrain without each group (batched, cached), evaluate the four
 estimators, and report Spearman/Pearson correlations per estimator by group kind and size bucket
-over the converged groups, a scatter plot per pair and regime, and ``results.json``.
+over the converged groups, a scatter plot per pair and regime, and ``results.json``. Pair-regimes
+are independent: with ``jobs`` > 1 they run in separate processes, with the same results.
 """
 
 from __future__ import annotations
