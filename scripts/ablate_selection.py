@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from iaif.common.atomic import write_jsonl
+from iaif.common.progress import log_to_stderr
 from iaif.common.provenance import write_run_info
 from iaif.evaluation.lm_eval_runner import SCORES_FILE
 from iaif.pipeline import PipelineConfig, demo_config, run_pipeline
@@ -138,7 +139,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=None, help="fine-tuning seeds (default: the demo's)")
     ap.add_argument("--fold-seed", type=int, default=0)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     run_dir, out = Path(args.run_dir), Path(args.output_dir)
     if not (run_dir / "features").is_dir() or not (run_dir / "demo_data" / "manifest.json").is_file():
         raise SystemExit(f"{run_dir}: no demo run with features; run `iaif demo --steps setup warmup extract "

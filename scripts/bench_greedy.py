@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import resource
 import time
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from iaif.common.dist import leave_launch
+from iaif.common.progress import log_to_stderr
 from iaif.selection.estimators import marginal_gain
 from iaif.selection.greedy import greedy_select
 from iaif.selection.objective import Objective, default_lambda
@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--json", help="store mode: write the figures (JSON) here")
     args = ap.parse_args()
     if args.progress:  # a redirected run reports progress through logging
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log_to_stderr()
     if args.store:
         store_main(args)
         leave_launch()  # a launched rank exits here, past gloo's teardown at interpreter exit

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from iaif.common.atomic import write_jsonl
+from iaif.common.progress import log_to_stderr
 from iaif.config import config_from_yaml
 from iaif.evaluation.tasks.build import default_data_dir
 from iaif.pipeline import PipelineConfig, run_pipeline
@@ -159,9 +160,7 @@ def main() -> None:
     parser.add_argument("--targets-per-task", type=int, default=15)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     cfg = config_from_yaml(PipelineConfig, args.config)
     if args.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=args.output_dir)

@@ -126,8 +126,8 @@ class FidelityConfig:
     threads: int = 1
     """torch intra-op threads per process (1 is fastest for these small models, far faster on a busy CPU)"""
     jobs: int = 0
-    """pair-regimes computed at once, each in its own process with ``threads`` threads (0 = as many
-    as the CPU cores this process may use allow); the results do not depend on it"""
+    """pair-regimes computed at once, each in its own process with ``threads`` threads (0 = the CPU
+    cores this process may use, divided by ``threads``); the results do not depend on it"""
 
 
 def resolve_pairs(cfg: FidelityConfig) -> tuple[list[str], Path]:
