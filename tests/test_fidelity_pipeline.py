@@ -133,3 +133,16 @@ def test_pair_regimes_in_two_processes_give_the_one_process_results(tmp_path):
 def test_negative_jobs_is_an_error_naming_the_setting(tmp_path):
     with pytest.raises(ValueError, match="jobs: -1"):
         run_fidelity(FidelityConfig(output_dir=str(tmp_path), pairs=["wine_mlp"], jobs=-1))
+
+
+def test_seeds_per_pair_unless_the_configuration_sets_them(tmp_path):
+    from iaif.evaluation.fidelity.benchmark import PAIRS, pair_seeds
+
+    default, three = FidelityConfig(seed=5), FidelityConfig(seed=5, nonconvex_seeds=3)
+    assert pair_seeds(PAIRS["mnist_mlp"], default) == [5, 6]
+    assert pair_seeds(PAIRS["mnist_resnet"], default) == [5]
+    assert pair_seeds(PAIRS["mnist_resnet"], three) == pair_seeds(PAIRS["wine_mlp"], three) == [5, 6, 7]
+    assert pair_seeds(PAIRS["mnist_logreg"], three) == [5]
+    assert pair_seeds(PAIRS["wine_mlp"], FidelityConfig(quick=True, nonconvex_seeds=3)) == [0]
+    with pytest.raises(ValueError, match="nonconvex_seeds: -1"):
+        run_fidelity(FidelityConfig(output_dir=str(tmp_path), pairs=["wine_mlp"], nonconvex_seeds=-1))
