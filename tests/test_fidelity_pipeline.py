@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -146,3 +147,24 @@ def test_seeds_per_pair_unless_the_configuration_sets_them(tmp_path):
     assert pair_seeds(PAIRS["wine_mlp"], FidelityConfig(quick=True, nonconvex_seeds=3)) == [0]
     with pytest.raises(ValueError, match="nonconvex_seeds: -1"):
         run_fidelity(FidelityConfig(output_dir=str(tmp_path), pairs=["wine_mlp"], nonconvex_seeds=-1))
+
+
+def test_more_seeds_reuse_the_retrainings_of_fewer(tmp_path, monkeypatch):
+    """The cache fingerprint leaves out the seed count (the pair's and the configuration's): going
+    from one seed to two retrains only seed 1."""
+    from iaif.evaluation.fidelity import benchmark
+
+    small = GroupSettings(random_groups=2, coherent_groups=3, num_sizes=2)
+    cfg = FidelityConfig(output_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "cache"), pairs=["wine_mlp"],
+                         weak_l2=0.0, groups=small, jobs=1)
+    monkeypatch.setitem(benchmark.PAIRS, "wine_mlp", replace(benchmark.PAIRS["wine_mlp"], seeds=1))
+    run_fidelity(cfg)
+    seed0 = next((tmp_path / "cache").glob("*/*-seed0.json"))
+    first = seed0.read_text()
+    monkeypatch.setitem(benchmark.PAIRS, "wine_mlp", replace(benchmark.PAIRS["wine_mlp"], seeds=2))
+    run_fidelity(replace(cfg, output_dir=str(tmp_path / "two")))
+    run_fidelity(replace(cfg, output_dir=str(tmp_path / "three"), nonconvex_seeds=2))
+    files = sorted(p.name for p in seed0.parent.iterdir())
+    fingerprint = seed0.name.split("-seed")[0]
+    assert files == [f"{fingerprint}-seed{s}{ext}" for s in (0, 1) for ext in ("-theta.pt", ".json")]
+    assert seed0.read_text() == first

@@ -175,7 +175,8 @@ def run_pair(name: str, spec: PairSpec, cfg: FidelityConfig, data_dir: Path, cac
     warm = spec.convex or cfg.nonconvex_start == "optimum"
     data_hash = hashlib.sha1(b"".join(t.numpy().tobytes() for t in (split.x_train, split.y_train, split.x_target, split.y_target)))
     fit_settings = replace(cfg.fit, **dict(spec.fit))
-    per_seed_spec = {k: v for k, v in asdict(spec).items() if k != "seeds"}  # a seed's retrainings do not depend on how many are averaged
+    # a seed's θ* and retrainings do not depend on how many seeds are averaged: the count stays out of the key
+    per_seed_spec = {k: v for k, v in asdict(spec).items() if k != "seeds"}
     key = [per_seed_spec, data_hash.hexdigest(), cfg.seed, asdict(fit_settings), asdict(cfg.retrain), warm, RETRAIN_SOLVER,
            cfg.ihvp, cfg.damping, cfg.exact_max_params, cfg.cg_tol, cfg.cg_maxiter, torch.__version__]
     fingerprint = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
