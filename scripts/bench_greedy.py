@@ -150,19 +150,21 @@ def store_main(args: argparse.Namespace) -> None:
     setup = time.perf_counter() - start
     start, cpu_start = time.perf_counter(), time.process_time()
     result = greedy_select([obj], args.k, args.kind, args.epsilon, args.shortlist, chunk_rows=args.chunk_rows,
-                           seed=args.seed, progress=args.progress and shard.rank == 0, shard=shard)
+                           seed=args.seed, progress=args.progress and shard.rank == 0, shard=shard,
+                           block=args.block)
     took, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     value = obj.value(result.indices, shard)
     phi_bytes = curv.numel() * curv.element_size()
-    figures = [took, setup, _peak_rss_bytes(), rss0, phi_bytes, result.refreshes, cpu]
+    figures = [took, setup, _peak_rss_bytes(), rss0, phi_bytes, result.refreshes, cpu, result.blocks]
     every = _gather_figures(shard, figures)
     if shard.rank != 0:
         return
     digest = hashlib.sha256(json.dumps(result.indices).encode()).hexdigest()[:16]
     print(f"N={args.n} m={args.m} k={args.k} {args.kind} greedy, {shard.world} process(es), "
           f"threads {torch.get_num_threads()}, {args.dtype} store, device {device}, λ={lam:.6g}")
-    for r, (t, su, peak, base, phib, refr, c) in enumerate(every):
+    for r, (t, su, peak, base, phib, refr, c, blocks) in enumerate(every):
         print(f"  rank {r}: greedy {t:.1f} s ({c:.1f} s of CPU) (+ scores and λ {su:.1f} s), full passes {int(refr)}, "
+              f"blocks {int(blocks)}, "
               f"peak RSS {peak / 2**30:.2f} GiB = {_ratio(peak, phib):.2f}× its Φ shard ({phib / 2**30:.2f} GiB; "
               f"{_ratio(peak - base, phib):.2f}× without the {base / 2**30:.2f} GiB at start)")
     print(f"J = {value:.6g}, picks digest {digest} (first {result.indices[:5]})")
@@ -171,7 +173,8 @@ def store_main(args: argparse.Namespace) -> None:
     if args.json:
         ranks = [{"greedy_seconds": round(t, 2), "greedy_cpu_seconds": round(c, 2), "setup_seconds": round(su, 2),
                   "full_passes": int(refr), "peak_rss_gib": round(peak / 2**30, 3), "phi_shard_gib": round(phib / 2**30, 3),
-                  "peak_over_phi": round(_ratio(peak, phib), 3)} for t, su, peak, base, phib, refr, c in every]
+                  "peak_over_phi": round(_ratio(peak, phib), 3), "blocks": int(blocks)}
+                 for t, su, peak, base, phib, refr, c, blocks in every]
         Path(args.json).write_text(json.dumps({
             "n": args.n, "m": args.m, "k": args.k, "kind": args.kind, "processes": shard.world, "dtype": args.dtype,
             "device": str(device), "lambda": lam, "objective": value, "picks_digest": digest, "ranks": ranks}, indent=2))
@@ -192,6 +195,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of a new store")
     ap.add_argument("--write-only", action="store_true", help="only write the store")
     ap.add_argument("--kind", default="exact", choices=["exact", "stochastic"])
+    ap.add_argument("--block", type=int, default=None,
+                    help="exact greedy: steps proposed per exchange between processes (default: 32 when "
+                         "sharded, else 1)")
     ap.add_argument("--epsilon", type=float, default=0.01, help="stochastic greedy's ε")
     ap.add_argument("--chunk-rows", type=int, default=65536)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (store mode)")

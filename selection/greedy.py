@@ -38,6 +38,19 @@ best of the ranks' bests (lowest global index among equal gains) and its rows re
 stochastic draws come from one seeded generator advanced identically on every rank: the picks are the
 same for any number of processes.
 
+Blocks (exact greedy over processes, where a collective costs more than a step's own work): one step,
+one collective is the simple form; a block gets several steps from two. Each rank sends its certified
+best for the next step and the best-looking rows of its shortlist (up to ``block`` rows, with scores,
+‖ψ‖² and ψ). Every rank then runs greedy over those candidates alone, computing each gain exactly as
+the owner would (row by row, from the same C), which proposes the same sequence on every rank; its
+first step is the true one. Each rank then applies the proposals one by one, and before each asks its
+own tracker for its exact best; the first proposal that best beats (larger gain, or equal gain and
+lower index) is where this rank's agreement ends. The second collective gathers each rank's end and
+its best there: the block keeps the proposals before the earliest end, that step goes to the best of
+the ranks that ended there, and ranks that had gone further take their later steps back (``rewind``:
+C restored, the rows candidates again through the shortlist). Every kept step is the straightforward
+loop's step, gain and tie rule included.
+
 Both kinds are trackers of one objective's gains (``GainTracker``: ``best`` picks a row, ``add``
 accounts for a pick): ``ExactTracker`` and ``StochasticTracker``. Several objectives (one per target
 task, ``iaif.selection.objective``) are served round-robin: step i takes the pick of tracker i mod T;
@@ -55,7 +68,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from iaif.common.progress import progress_iter
+from iaif.common.progress import progress, progress_iter
 from iaif.selection.estimators import marginal_gain
 from iaif.selection.objective import Objective
 from iaif.selection.shard import Shard
@@ -83,6 +96,9 @@ class GreedyResult:
     refreshes: int
     """Full passes over the pool (over this process's candidates when sharded; exact greedy); 0 for
     stochastic greedy."""
+    blocks: int = 0
+    """Blocks of exact greedy steps (``block`` > 1; each one exchange of candidates and one of the
+    verdicts between the processes); 0 when stepping one at a time."""
 
     @property
     def indices(self) -> list[int]:
@@ -246,6 +262,26 @@ class ExactTracker:
         if local >= 0:
             self.outside[local] = False
             self.free -= 1
+
+    def rewind(self, cum: torch.Tensor, rows: Sequence[int]) -> None:
+        """Undo ``add`` for this shard's ``rows`` (their mask bits already cleared): C goes back to
+        ``cum``, and each row joins the shortlist unless it is there (a refresh since it was added
+        left it out of the bounded candidates)."""
+        self.cum = cum.clone()
+        self.free += len(rows)
+        back = torch.tensor(rows, dtype=torch.long, device=self.cum.device)
+        back = back[~torch.isin(back, self.short_idx.to(back.device))]
+        if back.numel():
+            self._set_shortlist(back, extend=True)
+
+    def top(self, count: int) -> torch.Tensor:
+        """Up to ``count`` unselected shortlisted rows of the largest exact gain at the current C, best
+        first (a guess at the next steps' picks; ``best`` certifies a pick)."""
+        o = self.obj
+        g, _ = marginal_gain(self.short_scores, self.short_psi, self.cum, o.lam, o.scale, self.short_sq)
+        g = g.masked_fill(self.selected.index_select(0, self.short_idx), -math.inf)
+        g, pos = torch.topk(g, min(count, len(g)))
+        return self.short_idx[pos[torch.isfinite(g)]]
 
     def best(self) -> tuple[int, float, float]:
         """Exact argmax of the gain over unselected candidates, the lowest index among equal gains:
@@ -417,6 +453,7 @@ def greedy_select(
     seed: int = 0,
     progress: bool = True,
     shard: Shard | None = None,
+    block: int | None = None,
 ) -> GreedyResult:
     """Choose k rows maximising the objective (one objective, or several served round-robin).
 
@@ -424,7 +461,9 @@ def greedy_select(
     greedy with ⌈(N/k)·ln(1/ε)⌉ candidates per step. Every step is logged at DEBUG level.
     ``shard``: the objectives hold this process's rows of a pool split over processes (every rank
     calls this with its rows; indices in the result are global; each rank tracks ⌈shortlist / ranks⌉
-    candidates exactly); None: the whole pool.
+    candidates exactly); None: the whole pool. ``block`` (exact greedy): steps proposed per exchange of
+    candidates between the ranks (same result, fewer collectives); None: 32 when sharded over
+    processes, else 1 (one step at a time, nothing exchanged).
     """
     if not objectives:
         raise ValueError("no objective given")
@@ -436,6 +475,9 @@ def greedy_select(
         raise ValueError("empty pool: no candidates to select from")
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the pool size {n}, got {k}")
+    block = (32 if shard.world > 1 else 1) if block is None else block
+    if block < 1:
+        raise ValueError(f"block: must be ≥ 1 (greedy steps proposed per exchange between processes), got {block}")
     if kind == "exact" and shortlist < 1:
         raise ValueError(f"shortlist: must be ≥ 1 (candidates tracked exactly between full passes), got {shortlist}")
     for o in objectives:
@@ -448,10 +490,13 @@ def greedy_select(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trackers: list[GainTracker]
+        trackers: Sequence[GainTracker]
         if kind == "exact":
             per_rank = math.ceil(shortlist / shard.world)  # the pool's best candidates spread over the ranks
-            trackers = [ExactTracker(o, mine, per_rank, basis_rank, chunk_rows, seed) for o in objectives]
+            exact = [ExactTracker(o, mine, per_rank, basis_rank, chunk_rows, seed) for o in objectives]
+            if block > 1:
+                return _block_loop(exact, selected, k, block, "greedy (exact)", progress and shard.rank == 0, shard)
+            trackers = exact
         elif kind == "stochastic":
             if not 0 < epsilon < 1:
                 raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
@@ -475,15 +520,180 @@ def _greedy_loop(trackers: Sequence[GainTracker], selected: torch.Tensor, k: int
         tracker = trackers[rank % len(trackers)]
         local, gain, inter = tracker.best()
         rows = [tr.obj.curv[local].float() for tr in trackers] if local >= 0 else None
-        index, gain, inter, picked = shard.winner(local, gain, inter, rows, widths)
-        selected[index] = True
-        here = shard.local(index)
-        for tr, row in zip(trackers, picked):
-            tr.add(index, here, row)
-        step = GreedyStep(rank, index, gain, gain + inter, inter, tracker.obj.name)
-        logger.debug("step %d: row %d (%s) gain %.6g = first-order %.6g − interaction %.6g",
-                     rank, index, step.task, gain, step.first_order, inter)
-        steps.append(step)
+        index, gain, inter, picked, _ = shard.winner(local, gain, inter, rows, widths)
+        _apply(trackers, selected, shard, index, picked)
+        steps.append(_step(trackers, rank, index, gain, inter))
     refreshes = sum(tr.refreshes for tr in trackers)
     logger.info("%s: %d steps, %d full refreshes", label, k, refreshes)
     return GreedyResult(steps, refreshes)
+
+
+@dataclass(frozen=True)
+class _Exchanged:
+    """The candidates the ranks sent for a block: global index ([M]), whether the record is padding,
+    and, per objective, score, ‖ψ‖² and ψ row, as the owning rank holds them."""
+
+    index: torch.Tensor
+    padding: torch.Tensor
+    scores: list[torch.Tensor]
+    sq: list[torch.Tensor]
+    psi: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Proposed:
+    """A step of a block's simulation: the row's position in the exchanged candidates, its global
+    index, gain and interaction part."""
+
+    pos: int
+    index: int
+    gain: float
+    inter: float
+
+
+def _block_loop(trackers: Sequence[ExactTracker], selected: torch.Tensor, k: int, block: int, label: str,
+                show: bool, shard: Shard) -> GreedyResult:
+    """Exact greedy in blocks, for ranks that pay per collective (module docstring, "blocks"): the
+    picks, gains and ties of ``_greedy_loop``, in two all_gathers per block instead of one per step."""
+    steps: list[GreedyStep] = []
+    widths = [tr.obj.curv.shape[1] for tr in trackers]
+    bar = progress(k, label, "step", disable=not show)
+    blocks = 0
+    try:
+        while len(steps) < k:
+            t0 = len(steps)
+            sent = _block_candidates(trackers, t0, block)
+            ex = _unpack(trackers, shard.gather(_pack(trackers, sent, shard, block)), shard.n)
+            seq = _simulate(trackers, ex, t0, min(block, k - t0))
+            stage, mine, before, applied = _verify(trackers, selected, shard, ex, seq, t0, k)
+            local, gain, inter = mine
+            rows = [tr.obj.curv[local].float() for tr in trackers] if local >= 0 else None
+            index, gain, inter, picked, agreed = shard.winner(local, gain, inter, rows, widths, stage,
+                                                              required=t0 + len(seq) < k)
+            if len(applied) > agreed:  # this rank went further than every rank agrees: back to step agreed
+                undone = applied[agreed:]
+                for i, _ in undone:
+                    selected[i] = False
+                for tr, cum in zip(trackers, before[agreed]):
+                    tr.rewind(cum, [here for _, here in undone if here >= 0])
+            for j, prop in enumerate(seq[:agreed]):
+                steps.append(_step(trackers, t0 + j, prop.index, prop.gain, prop.inter))
+            if index >= 0:
+                _apply(trackers, selected, shard, index, picked)
+                steps.append(_step(trackers, len(steps), index, gain, inter))
+            bar.update(len(steps) - t0)
+            blocks += 1
+    finally:
+        bar.close()
+    refreshes = sum(tr.refreshes for tr in trackers)
+    logger.info("%s: %d steps in %d blocks, %d full refreshes", label, k, blocks, refreshes)
+    return GreedyResult(steps, refreshes, blocks)
+
+
+def _step(trackers: Sequence[GainTracker], rank: int, index: int, gain: float, inter: float) -> GreedyStep:
+    task = trackers[rank % len(trackers)].obj.name
+    logger.debug("step %d: row %d (%s) gain %.6g = first-order %.6g − interaction %.6g",
+                 rank, index, task, gain, gain + inter, inter)
+    return GreedyStep(rank, index, gain, gain + inter, inter, task)
+
+
+def _apply(trackers: Sequence[GainTracker], selected: torch.Tensor, shard: Shard, index: int,
+           rows: Sequence[torch.Tensor]) -> None:
+    """Row ``index`` (global) selected, with its ψ row of every objective."""
+    selected[index] = True
+    here = shard.local(index)
+    for tr, row in zip(trackers, rows):
+        tr.add(index, here, row)
+
+
+def _block_candidates(trackers: Sequence[ExactTracker], t0: int, block: int) -> list[int]:
+    """This rank's candidates for a block starting at step t0 (local rows, at most ``block``): its
+    certified best for step t0 first, then the best-looking shortlisted rows of every objective."""
+    local, _, _ = trackers[t0 % len(trackers)].best()
+    if local < 0:
+        return []
+    per = max(1, (block - 1) // len(trackers))
+    rows = [local] + [int(r) for tr in trackers for r in tr.top(per + 1)]
+    return list(dict.fromkeys(rows))[:block]
+
+
+def _pack(trackers: Sequence[ExactTracker], rows: list[int], shard: Shard, block: int) -> torch.Tensor:
+    """``block`` records (float64): global index, then per objective score, ‖ψ‖² and ψ; padding has
+    index n."""
+    width = 1 + sum(2 + tr.obj.curv.shape[1] for tr in trackers)
+    out = torch.zeros(block, width, dtype=torch.float64)
+    out[:, 0] = shard.n
+    if rows:
+        idx = torch.tensor(rows, dtype=torch.long, device=trackers[0].cum.device)
+        out[: len(rows), 0] = (idx + shard.start).double().cpu()
+        col = 1
+        for tr in trackers:
+            q = tr.obj.curv.shape[1]
+            out[: len(rows), col] = tr.obj.scores.index_select(0, idx).double().cpu()
+            out[: len(rows), col + 1] = tr.sq.index_select(0, idx).double().cpu()
+            out[: len(rows), col + 2 : col + 2 + q] = tr.obj.curv.index_select(0, idx).double().cpu()
+            col += 2 + q
+    return out.reshape(-1)
+
+
+def _unpack(trackers: Sequence[ExactTracker], table: torch.Tensor, n: int) -> _Exchanged:
+    """Every rank's records (``Shard.gather`` of ``_pack``), in the trackers' dtypes and device."""
+    width = 1 + sum(2 + tr.obj.curv.shape[1] for tr in trackers)
+    rec = table.reshape(-1, width)
+    dev = trackers[0].cum.device
+    scores, sq, psi = [], [], []
+    col = 1
+    for tr in trackers:
+        q = tr.obj.curv.shape[1]
+        scores.append(rec[:, col].to(dev, tr.obj.scores.dtype))
+        sq.append(rec[:, col + 1].to(dev, torch.float32))
+        psi.append(rec[:, col + 2 : col + 2 + q].to(dev, torch.float32))
+        col += 2 + q
+    index = rec[:, 0].long().to(dev)
+    return _Exchanged(index, index >= n, scores, sq, psi)
+
+
+def _simulate(trackers: Sequence[ExactTracker], ex: _Exchanged, t0: int, steps: int) -> list[_Proposed]:
+    """Greedy over the exchanged candidates alone, from step t0 for up to ``steps`` steps: each gain
+    computed as the owning rank computes it (row by row, from the same C), so where every rank's own
+    best is no better, a proposed step is the true one. The first is (each rank sent its certified
+    best first)."""
+    cums = [tr.cum.clone() for tr in trackers]
+    taken = ex.padding.clone()
+    out: list[_Proposed] = []
+    for j in range(steps):
+        t = (t0 + j) % len(trackers)
+        o = trackers[t].obj
+        g, inter = marginal_gain(ex.scores[t], ex.psi[t], cums[t], o.lam, o.scale, ex.sq[t])
+        g = g.masked_fill(taken, -math.inf)
+        p = _first_best(ex.index, g)
+        if not math.isfinite(float(g[p])):
+            break
+        out.append(_Proposed(p, int(ex.index[p]), float(g[p]), float(inter[p])))
+        taken |= ex.index == ex.index[p]
+        for cum, psi in zip(cums, ex.psi):
+            cum += psi[p]
+    return out
+
+
+def _verify(trackers: Sequence[ExactTracker], selected: torch.Tensor, shard: Shard, ex: _Exchanged,
+            seq: list[_Proposed], t0: int, k: int
+            ) -> tuple[int, tuple[int, float, float], list[list[torch.Tensor]], list[tuple[int, int]]]:
+    """Apply the proposed steps while this rank's own best (``best``, exact) is no better than the
+    proposal. Returns the first step where it is better (``len(seq)`` when none is) with this rank's
+    best for that step ((−1, −inf, 0) when none or when the budget ends there), every tracker's C before
+    each applied step and the applied (global index, local row) pairs, for a rewind."""
+    before: list[list[torch.Tensor]] = []
+    applied: list[tuple[int, int]] = []
+    for j, prop in enumerate(seq):
+        if j > 0:
+            local, gain, inter = trackers[(t0 + j) % len(trackers)].best()
+            if local >= 0 and (gain > prop.gain or (gain == prop.gain and shard.start + local < prop.index)):
+                return j, (local, gain, inter), before, applied
+        before.append([tr.cum.clone() for tr in trackers])
+        _apply(trackers, selected, shard, prop.index, [psi[prop.pos] for psi in ex.psi])
+        applied.append((prop.index, shard.local(prop.index)))
+    t = t0 + len(seq)
+    mine = trackers[t % len(trackers)].best() if t < k else (-1, -math.inf, 0.0)
+    return len(seq), mine, before, applied
+

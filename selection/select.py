@@ -105,6 +105,9 @@ class SelectConfig:
     shortlist: int = 1024
     """Exact greedy: candidates tracked exactly between full passes (speed only, same result; split
     over the processes of a launch)."""
+    block: int | None = None
+    """Exact greedy over several processes: steps proposed per exchange of candidates between them
+    (speed only, same result); None: 32 under a launch of several processes, else 1."""
     balance: Literal["none", "source", "task"] = "none"
     """random: equal counts per source file or per task."""
     similarity: Literal["max", "round-robin"] = "max"
@@ -217,11 +220,11 @@ def _feature_select(cfg: SelectConfig, k: int, src: FeatureSource, cand_ids: lis
                                         shard)
     start = time.perf_counter()
     result = greedy_select(objectives, k, cfg.greedy, cfg.epsilon, cfg.shortlist, chunk_rows=cfg.chunk_rows,
-                           seed=cfg.seed, shard=shard)
+                           seed=cfg.seed, shard=shard, block=cfg.block)
     idx = result.indices
     value = sum(o.value(idx, shard) for o in objectives)
     info = {"lambda": lams, "objective": value, "greedy_seconds": round(time.perf_counter() - start, 3),
-            "full_refreshes": result.refreshes, "processes": shard.world,
+            "full_refreshes": result.refreshes, "greedy_blocks": result.blocks, "processes": shard.world,
             "tasks": {n: s.stop - s.start for n, s in terms.target_columns.items()}}
     return Selection(idx, [s.gain for s in result.steps], [s.first_order for s in result.steps],
                      [s.interaction for s in result.steps], info)

@@ -5,7 +5,8 @@ Rank r owns the contiguous candidate rows [start, stop); the boundaries fall on 
 (the row chunk), so a rank reads exactly the chunks one process would read and every row's Φ, ψ and
 gain come out bit for bit the same. Little crosses processes: per greedy step, each rank's best
 candidate (gain, interaction part, global index) with its feature rows, in one all_gather; the step's
-winner is the largest gain and, among equal gains, the lowest global index, as in one process. Rows
+winner is the largest gain and, among equal gains, the lowest global index, as in one process (exact
+greedy exchanges blocks of candidates instead, two all_gathers for several steps: ``greedy``). Rows
 needed from anywhere (λ's top-k set, the objective of the picks) are summed over ranks from blocks that
 each rank fills only where it owns the row and with −0.0 elsewhere: −0.0 + x = x for every x, so the
 assembled rows are exact whatever the reduction order.
@@ -79,36 +80,53 @@ class Shard:
         out[self.start : self.stop] = local_values.float()
         return self._sum(out)
 
-    def winner(self, local: int, gain: float, inter: float, rows: list[torch.Tensor] | None,
-               widths: list[int]) -> tuple[int, float, float, list[torch.Tensor]]:
-        """The step's pick over all ranks from each rank's best: ``local`` (−1: none here), its gain and
-        interaction part and its rows (one per objective, of ``widths``). Returns (global index, gain,
-        interaction part, rows as float32), the same on every rank."""
+    def gather(self, mine: torch.Tensor) -> torch.Tensor:
+        """Every rank's float64 vector ``mine`` (the same length on every rank), as rows [world, len] on
+        the CPU, the same on every rank."""
         if self.world == 1:
-            if local < 0 or rows is None:
-                raise ValueError("no candidate left to pick")
-            return self.start + local, gain, inter, rows
+            return mine.to("cpu", torch.float64)[None]
         import torch.distributed as dist
 
-        device = _comm_device()
-        width = 3 + sum(widths)
-        mine = torch.zeros(width, dtype=torch.float64, device=device)
+        buf = mine.to(_comm_device(), torch.float64)
+        every = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(every, buf)
+        return torch.stack(every).cpu()
+
+    def winner(self, local: int, gain: float, inter: float, rows: list[torch.Tensor] | None,
+               widths: list[int], stage: int = 0, required: bool = True
+               ) -> tuple[int, float, float, list[torch.Tensor], int]:
+        """The step's pick over all ranks from each rank's best: ``local`` (−1: none here), its gain and
+        interaction part and its rows (one per objective, of ``widths``). Only the ranks of the lowest
+        ``stage`` compete (the block greedy's first failed step; 0 for every rank in a plain step).
+        Returns (global index, gain, interaction part, rows as float32, that lowest stage), the same on
+        every rank; when none of those ranks has a candidate, an error, or with ``required=False``
+        index −1."""
+        if self.world == 1:
+            if local < 0 or rows is None:
+                if required:
+                    raise ValueError("no candidate left to pick")
+                return -1, -math.inf, 0.0, [], stage
+            return self.start + local, gain, inter, rows, stage
+        mine = torch.zeros(4 + sum(widths), dtype=torch.float64)
+        mine[3] = stage
         if local >= 0 and rows is not None:
             mine[0], mine[1], mine[2] = gain, inter, float(self.start + local)
-            mine[3:] = torch.cat([r.reshape(-1).to(device, torch.float64) for r in rows])
+            mine[4:] = torch.cat([r.reshape(-1).cpu().double() for r in rows])
         else:
             mine[0], mine[2] = -math.inf, float(self.n)
-        every = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(every, mine)
-        table = torch.stack(every).cpu()
+        table = self.gather(mine)
+        low = float(table[:, 3].min())
+        table[table[:, 3] != low, 0] = -math.inf
         best = float(table[:, 0].max())
         if best == -math.inf:
-            raise ValueError("no candidate with a finite gain left on any rank")
+            if required:
+                raise ValueError("no candidate with a finite gain left on any rank")
+            return -1, best, 0.0, [], int(low)
         ties = (table[:, 0] == best).nonzero().squeeze(1)
         w = int(ties[torch.argmin(table[ties, 2])])
         home = rows[0].device if rows else torch.device("cpu")
-        parts = torch.split(table[w, 3:].to(home, torch.float32), widths)
-        return int(table[w, 2]), float(table[w, 0]), float(table[w, 1]), list(parts)
+        parts = torch.split(table[w, 4:].to(home, torch.float32), widths)
+        return int(table[w, 2]), float(table[w, 0]), float(table[w, 1]), list(parts), int(low)
 
 
 def _comm_device() -> torch.device:

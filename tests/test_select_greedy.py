@@ -227,7 +227,7 @@ def test_ties_outnumbering_the_shortlist_terminate_with_the_straightforward_sequ
     phi = _duplicate_pool(5000, 6, 8, seed=0)
     for lam in (0.0, 1.0, 50.0):
         objs = [Objective(phi.mean(dim=1), phi, lam)]
-        result = greedy_select(objs, 20, shortlist=shortlist, progress=False)
+        result = greedy_select(objs, 20, shortlist=shortlist, progress=False, block=1 + shortlist % 7)
         expected = _straightforward_greedy(objs, 20)
         assert result.indices == [c for c, _ in expected]
         assert [s.gain for s in result.steps] == [gn for _, gn in expected]
@@ -240,6 +240,73 @@ def test_all_rows_identical_pick_in_index_order():
     phi = torch.full((3000, 5), 0.25)
     result = greedy_select([Objective(phi.mean(dim=1), phi, 2.0)], 12, shortlist=1, progress=False)
     assert result.indices == list(range(12))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_blocks_of_proposed_steps_pick_what_single_steps_pick(tasks):
+    """Blocks (one process: the exchange is with itself) on a pool where proposals often fail: few
+    candidates proposed, strong interaction, so a rank's own best often beats the proposal and the
+    speculative steps past it are rewound. Same picks, gains and interaction parts as one step at a
+    time; fewer exchanges than steps."""
+    phi = _phi(400, 6, seed=3)
+    objs = [Objective(phi[:, t:].mean(dim=1), phi[:, t:], lam, name=f"t{t}") for t, lam in zip(range(tasks), (3.0, 8.0))]
+    ref = greedy_select(objs, 80, shortlist=4, basis_rank=2, progress=False)
+    for block in (2, 5, 16):
+        got = greedy_select(objs, 80, shortlist=4, basis_rank=2, progress=False, block=block)
+        assert got.indices == ref.indices
+        assert [(s.gain, s.interaction, s.task) for s in got.steps] == [(s.gain, s.interaction, s.task) for s in ref.steps]
+        assert 0 < got.blocks < 80 and ref.blocks == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_rewound_tracker_goes_on_as_the_straightforward_loop():
+    """What a rank does when the other ranks agree on fewer steps than it took: picks taken back
+    (some after refreshes that left them out of the bounded candidates) must be candidates again, and
+    greedy from there on must pick what the straightforward loop picks after the picks that remain,
+    down to the last row of the pool."""
+    from iaif.selection.greedy import ExactTracker
+
+    g = torch.Generator().manual_seed(5)
+    n = 40
+    phi = _phi(n, 5, seed=4)
+    for _case in range(30):
+        obj = Objective(phi.mean(dim=1), phi, (0.0, 0.5, 6.0)[_case % 3])
+        selected = torch.zeros(n, dtype=torch.bool)
+        tracker = ExactTracker(obj, selected, shortlist=3, basis_rank=1, chunk_rows=16, seed=0)
+        picks, cums = [], []
+        for _ in range(int(torch.randint(2, 12, (1,), generator=g))):
+            local, _, _ = tracker.best()
+            if torch.rand(1, generator=g) < 0.5:  # another rank's pick: the best-scored row off the shortlist
+                off = ~selected
+                off[tracker.short_idx] = False
+                local = int(torch.argmax(obj.scores.masked_fill(~off, -math.inf)))
+            i = local
+            cums.append(tracker.cum.clone())
+            selected[i] = True
+            tracker.add(i, i, phi[i])
+            picks.append(i)
+        keep = int(torch.randint(0, len(picks), (1,), generator=g))
+        selected[picks[keep:]] = False
+        tracker.rewind(cums[keep], picks[keep:])
+        assert tracker.free == n - keep
+        cum = torch.zeros(5)
+        for i in picks[:keep]:  # in pick order, as the tracker added them
+            cum += phi[i]
+        for _ in range(n - keep):
+            gain, _ = marginal_gain(obj.scores, phi, cum, obj.lam)
+            gain = gain.masked_fill(selected, -math.inf)
+            local, best, _ = tracker.best()
+            assert (local, best) == (int(torch.argmax(gain)), float(gain.max())), _case
+            selected[local] = True
+            tracker.add(local, local, phi[local])
+            cum += phi[local]
+
+
+def test_block_below_one_is_refused():
+    phi = _phi(10, 3)
+    with pytest.raises(ValueError, match="block: must be ≥ 1.*got 0"):
+        greedy_select([Objective(phi.mean(1), phi, 1.0)], 2, block=0, progress=False)
 
 
 @pytest.mark.parametrize("shortlist", [0, -3])
@@ -271,8 +338,9 @@ def test_exact_greedy_equals_straightforward_loop_on_random_pools_with_many_dupl
             objs.append(Objective(scores, rows, lam, name=f"t{t}"))
         k = draw(1, min(n, 40))
         shortlist = draw(1, 6)
+        block = (1, 2, 3, 8)[_case % 4]  # > 1: steps proposed from exchanged candidates, verified, rewound
         result = greedy_select(objs, k, shortlist=shortlist, basis_rank=draw(0, 3), chunk_rows=draw(7, 128),
-                               progress=False)
+                               progress=False, block=block)
         expected = _straightforward_greedy(objs, k)
-        assert result.indices == [c for c, _ in expected], (_case, n, q, shortlist)
+        assert result.indices == [c for c, _ in expected], (_case, n, q, shortlist, block)
         assert [s.gain for s in result.steps] == [gn for _, gn in expected]

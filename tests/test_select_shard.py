@@ -24,7 +24,8 @@ LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 # Each case: pool (seeded; few distinct rows repeated, so many exact ties), rows per chunk (the shard
-# boundaries), k, greedy kind, one objective or two served round-robin.
+# boundaries), k, greedy kind, one objective or two served round-robin, exact greedy's block (None: the
+# default, blocks of 32 steps over 2 processes; 1: one collective a step).
 CASES = {
     "exact-one": dict(n=1000, align=64, k=60, kind="exact", tasks=1),
     "exact-round-robin": dict(n=1000, align=64, k=60, kind="exact", tasks=2),
@@ -33,6 +34,8 @@ CASES = {
     # rank 1 owns 6 rows and runs out of them; stochastic draws past half the pool use the free list
     "exact-small-shard": dict(n=70, align=64, k=50, kind="exact", tasks=1),
     "stochastic-most-of-pool": dict(n=70, align=64, k=50, kind="stochastic", tasks=2),
+    "exact-one-step-at-a-time": dict(n=1000, align=64, k=60, kind="exact", tasks=2, block=1),
+    "exact-blocks-of-3": dict(n=1000, align=64, k=60, kind="exact", tasks=1, block=3),
 }
 
 WORKER = '''
@@ -59,10 +62,10 @@ for name, c in cases.items():
         lam = default_lambda(s, local[:, cs], c["k"], None, chunk_rows=16, shard=shard)
         objs.append(Objective(s, local[:, cs], lam, name=f"t{t}"))
     r = greedy_select(objs, c["k"], c["kind"], epsilon=0.2, shortlist=4, basis_rank=2, chunk_rows=16, seed=3,
-                      progress=False, shard=shard)
+                      progress=False, shard=shard, block=c.get("block"))
     out[name] = {"world": shard.world, "lam": [o.lam for o in objs], "indices": r.indices,
                  "gains": [s.gain for s in r.steps], "inter": [s.interaction for s in r.steps],
-                 "value": [o.value(r.indices, shard, chunk_rows=7) for o in objs]}
+                 "value": [o.value(r.indices, shard, chunk_rows=7) for o in objs], "blocks": r.blocks}
     if shard.rank == 0:
         with open(sys.argv[1], "w") as fh:
             json.dump(out, fh)
@@ -136,7 +139,12 @@ def test_split_is_whole_chunks_covering_the_pool():
 def test_two_processes_pick_what_one_picks(runs, name):
     one, two = runs[1][name], runs[2][name]
     assert one["world"] == 1 and two["world"] == 2
-    assert two == {**one, "world": 2}  # picks, gains, λ and objective: bit for bit
+    assert two == {**one, "world": 2, "blocks": two["blocks"]}  # picks, gains, λ and objective: bit for bit
+    c = CASES[name]
+    blocked = c["kind"] == "exact" and c.get("block") != 1
+    # blocks: fewer exchanges than steps over 2 processes; one process steps one at a time unless told
+    assert (0 < two["blocks"] < c["k"]) if blocked else two["blocks"] == 0
+    assert (one["blocks"] > 0) == (c["kind"] == "exact" and (c.get("block") or 1) > 1)
 
 
 @pytest.mark.timeout(900)
