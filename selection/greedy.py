@@ -49,7 +49,11 @@ lower index) is where this rank's agreement ends. The second collective gathers 
 its best there: the block keeps the proposals before the earliest end, that step goes to the best of
 the ranks that ended there, and ranks that had gone further take their later steps back (``rewind``:
 C restored, the rows candidates again through the shortlist). Every kept step is the straightforward
-loop's step, gain and tie rule included.
+loop's step, gain and tie rule included. Refreshes happen together: the first collective also carries
+each rank's bounding work since its last refresh, and once any rank's has reached ``REFRESH_TOGETHER``
+of a refresh's cost, every rank refreshes that objective (a rank refreshing alone stalls the others at
+the next collective, once for each rank's refresh: on 2 processes that waiting was a third of the
+wall time).
 
 Both kinds are trackers of one objective's gains (``GainTracker``: ``best`` picks a row, ``add``
 accounts for a pick): ``ExactTracker`` and ``StochasticTracker``. Several objectives (one per target
@@ -76,6 +80,10 @@ from iaif.selection.shard import Shard
 logger = logging.getLogger(__name__)
 
 GreedyKind = Literal["exact", "stochastic"]
+
+# blocks over processes: every rank refreshes an objective once any rank's bounding work for it has
+# reached this share of a refresh's cost (before ``best`` would refresh that rank alone, at 1)
+REFRESH_TOGETHER = 0.75
 
 
 @dataclass(frozen=True)
@@ -188,9 +196,9 @@ class ExactTracker:
         self.refreshes = 0
         self.refresh_cost = n * (q + 32) // (self.basis.shape[1] + 1)  # a refresh's work, in bounded rows
         self.ties_persist = False  # the last step had more near-best candidates than a refresh could shortlist
-        self._refresh()
+        self.refresh()
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         """Exact gains of the whole pool at the current C; the best ``shortlist`` candidates tracked
         exactly, the rest ("outside") bounded. Only the head of the candidates is sorted by gain (as a
         stable sort of all would order it): every prefix that a step bounds without refreshing lies in
@@ -226,6 +234,11 @@ class ExactTracker:
         self.bounded = 0  # rows bounded since this refresh
         self.outside = ~self.selected
         self.outside[self.short_idx] = False
+
+    @property
+    def refresh_due(self) -> float:
+        """Bounding work since the last refresh as a share of a refresh's cost (``best`` refreshes at 1)."""
+        return self.bounded / max(self.refresh_cost, 1)
 
     def _refresh_prefix(self) -> int:
         """The longest prefix of outside candidates a step bounds rather than refreshing."""
@@ -304,7 +317,7 @@ class ExactTracker:
             if not math.isfinite(b):
                 if refreshed:
                     raise ValueError(f"objective '{o.name}': no finite gain left (features too large for float32?)")
-                self._refresh()
+                self.refresh()
                 refreshed = True
                 continue
             delta = self.cum - self.cum_ref
@@ -324,7 +337,7 @@ class ExactTracker:
             # the sort): paying for bounds never costs more than about twice the best refresh schedule
             if ((len(rows) > self._refresh_prefix() or self.bounded > self.refresh_cost)
                     and not refreshed and not self.ties_persist):
-                self._refresh()
+                self.refresh()
                 refreshed = True
                 continue
             bound = torch.addmv(g_ref, z, w, alpha=-self.coef)
@@ -337,7 +350,7 @@ class ExactTracker:
                 return int(idx[j]), b, float(inter[j])
             if cand.numel() > self.m_short or len(idx) + cand.numel() > 4 * self.m_short:
                 if not refreshed and not self.ties_persist:
-                    self._refresh()
+                    self.refresh()
                     refreshed = True
                     continue
                 self.ties_persist = True  # a refresh did not help: skip it while the ties last
@@ -563,7 +576,9 @@ def _block_loop(trackers: Sequence[ExactTracker], selected: torch.Tensor, k: int
         while len(steps) < k:
             t0 = len(steps)
             sent = _block_candidates(trackers, t0, block)
-            ex = _unpack(trackers, shard.gather(_pack(trackers, sent, shard, block)), shard.n)
+            table = shard.gather(_pack(trackers, sent, shard, block))
+            ex = _unpack(trackers, table[:, : -len(trackers)], shard.n)
+            _refresh_together(trackers, table[:, -len(trackers) :])
             seq = _simulate(trackers, ex, t0, min(block, k - t0))
             stage, mine, before, applied = _verify(trackers, selected, shard, ex, seq, t0, k)
             local, gain, inter = mine
@@ -617,9 +632,18 @@ def _block_candidates(trackers: Sequence[ExactTracker], t0: int, block: int) -> 
     return list(dict.fromkeys(rows))[:block]
 
 
+def _refresh_together(trackers: Sequence[ExactTracker], due: torch.Tensor) -> None:
+    """Refresh objective t on every rank at once when any rank's ``refresh_due`` for it ([world, T])
+    has reached ``REFRESH_TOGETHER``: a rank that refreshed alone would stall the others at the next
+    collective, once for each rank's refresh."""
+    for tr, most in zip(trackers, due.max(dim=0).values.tolist()):
+        if most >= REFRESH_TOGETHER:
+            tr.refresh()
+
+
 def _pack(trackers: Sequence[ExactTracker], rows: list[int], shard: Shard, block: int) -> torch.Tensor:
     """``block`` records (float64): global index, then per objective score, ‖ψ‖² and ψ; padding has
-    index n."""
+    index n. Then each objective's ``refresh_due``."""
     width = 1 + sum(2 + tr.obj.curv.shape[1] for tr in trackers)
     out = torch.zeros(block, width, dtype=torch.float64)
     out[:, 0] = shard.n
@@ -633,11 +657,13 @@ def _pack(trackers: Sequence[ExactTracker], rows: list[int], shard: Shard, block
             out[: len(rows), col + 1] = tr.sq.index_select(0, idx).double().cpu()
             out[: len(rows), col + 2 : col + 2 + q] = tr.obj.curv.index_select(0, idx).double().cpu()
             col += 2 + q
-    return out.reshape(-1)
+    due = torch.tensor([tr.refresh_due for tr in trackers], dtype=torch.float64)
+    return torch.cat([out.reshape(-1), due])
 
 
 def _unpack(trackers: Sequence[ExactTracker], table: torch.Tensor, n: int) -> _Exchanged:
-    """Every rank's records (``Shard.gather`` of ``_pack``), in the trackers' dtypes and device."""
+    """Every rank's records (``Shard.gather`` of ``_pack`` without the refresh dues), in the trackers' dtypes
+    and device."""
     width = 1 + sum(2 + tr.obj.curv.shape[1] for tr in trackers)
     rec = table.reshape(-1, width)
     dev = trackers[0].cum.device
