@@ -70,6 +70,30 @@ def setup():
     return model, examples, truth
 
 
+def test_per_example_loss_is_the_mean_answer_token_loss_of_each_row():
+    """Against a loop over positions: row b's loss is the mean of −log softmax(logits[b, t])[label[b, t+1]]
+    over its answer tokens; prompt and padding positions (IGNORE_INDEX) and the last position count for
+    nothing, and the gradient reaches only the positions that predict an answer token."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 11, generator=g) * 3).requires_grad_(True)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[0, :3] = IGNORE_INDEX  # prompt
+    labels[1, 5:] = IGNORE_INDEX  # padding
+    labels[2, :6] = IGNORE_INDEX  # one answer token, the last one
+    got = per_example_loss(logits, labels)
+    for b in range(3):
+        terms = [-torch.log_softmax(logits[b, t].detach().double(), dim=0)[labels[b, t + 1]]
+                 for t in range(6) if labels[b, t + 1] != IGNORE_INDEX]
+        assert float(got[b].detach()) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-6)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    predicts = torch.zeros(3, 7, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    assert bool((grad.abs().sum(dim=2) > 0).eq(predicts).all())
+    labels[1] = IGNORE_INDEX
+    with pytest.raises(ValueError, match=r"batch rows \[1\] have no answer token"):
+        per_example_loss(logits, labels)
+
+
 def test_hook_gradients_equal_brute_force_with_padding(setup):
     model, examples, truth = setup
     matrices = find_lora_matrices(model)

@@ -66,14 +66,17 @@ def find_lora_matrices(model: nn.Module) -> list[LoraMatrix]:
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[B]`` mean next-token loss over each example's answer tokens (labels ≠ IGNORE_INDEX)."""
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    # the labels move one position left (the last position predicts nothing) rather than the logits
+    # being sliced, and the classes stay along the last, contiguous dimension: a transposed [B, V, T]
+    # log-softmax and the slice's backward made the loss of a 512-token example over a 128k vocabulary
+    # 3x slower on CPU (1.11 s against 0.33 s, forward and backward), a third of an 8B-wide step
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    token_loss = F.cross_entropy(flat, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
     if bool((counts == 0).any()):
         raise ValueError(f"batch rows {torch.nonzero(counts == 0).flatten().tolist()} have no answer token to predict")
-    return token_loss.sum(dim=1) / counts
+    return token_loss.view(shift_labels.shape).sum(dim=1) / counts
 
 
 GradSink = Callable[[LoraMatrix, torch.Tensor], None]
