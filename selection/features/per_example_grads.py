@@ -66,10 +66,9 @@ def find_lora_matrices(model: nn.Module) -> list[LoraMatrix]:
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[B]`` mean next-token loss over each example's answer tokens (labels ≠ IGNORE_INDEX)."""
-    # the labels move one position left (the last position predicts nothing) rather than the logits
-    # being sliced, and the classes stay along the last, contiguous dimension: a transposed [B, V, T]
-    # log-softmax and the slice's backward made the loss of a 512-token example over a 128k vocabulary
-    # 3x slower on CPU (1.11 s against 0.33 s, forward and backward), a third of an 8B-wide step
+    # the labels move one position left (the last position predicts nothing) instead of the logits
+    # being sliced, and the classes stay on the contiguous last dimension: over a 128k vocabulary a
+    # transposed log-softmax and a slice's backward cost 3x the loss itself (docs/BENCHMARKS.md)
     shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     flat = logits.float().reshape(-1, logits.shape[-1])
     token_loss = F.cross_entropy(flat, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
